@@ -1,0 +1,286 @@
+"""Batched KV-cache sampler for a torchtune ``TransformerDecoder`` (full or LoRA).
+
+How a chunk of at most ``max_batch_size`` sequences is generated:
+
+1. The distinct prompts of the chunk are left-padded to one length ``Lp`` and prefilled once
+   (``U`` rows), with RoPE positions that start at 0 on each prompt's first real token and a
+   causal mask that hides the padding.
+2. The KV cache rows are copied out to one row per sequence (``B`` rows, ``num_samples`` per
+   prompt), so a prompt is prefilled once however many samples it gets.
+3. Decoding runs one token per step for every row. The cache slot of step ``t`` is
+   ``Lp + t`` for all rows, while each row's RoPE position is its own ``len(prompt) + t``.
+   A row stops recording when it samples a stop token; once a quarter of the rows are done
+   they are dropped from the batch (and the cache), and the chunk ends when all are done.
+
+Only the sampled tokens' log-probabilities leave a step; the full-vocabulary logits of a step
+are dropped when the next one starts. The caches are torchtune's (``local_kv_cache``) and are
+deleted when a chunk ends, so training forwards afterwards see a plain model.
+"""
+
+import torch
+from torch import nn
+from torchtune.modules import TransformerDecoder
+from torchtune.modules.common_utils import local_kv_cache
+from torchtune.modules.kv_cache import KVCache
+from tqdm.auto import tqdm
+
+from packrl.rollout.base import Completion
+
+
+class NativeSampler:
+    """Samples completions from a torchtune decoder with a KV cache.
+
+    Args:
+        model: a torchtune ``TransformerDecoder`` (plain, LoRA, activation-checkpointed).
+            It is switched to eval mode during ``generate`` and restored afterwards.
+        stop_token_ids: a sequence ends when it samples one of these (the token is kept).
+        pad_id: token used for left padding and for rows that already finished; never attended.
+        max_batch_size: most sequences (prompts x samples) decoded together.
+    """
+
+    def __init__(
+        self,
+        model: TransformerDecoder,
+        *,
+        stop_token_ids: list[int],
+        pad_id: int,
+        max_batch_size: int = 64,
+    ) -> None:
+        if not isinstance(model, TransformerDecoder):
+            raise TypeError(
+                f"model: expected a torchtune TransformerDecoder, got {type(model).__name__}"
+            )
+        vocab_size = model.tok_embeddings.num_embeddings
+        for name, ids in (("stop_token_ids", list(stop_token_ids)), ("pad_id", [pad_id])):
+            if any(not isinstance(i, int) or not 0 <= i < vocab_size for i in ids):
+                raise ValueError(f"{name}: token ids must be ints in [0, {vocab_size}), got {ids}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        self.model = model
+        self.stop_token_ids = list(stop_token_ids)
+        self.pad_id = pad_id
+        self.max_batch_size = max_batch_size
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        *,
+        num_samples: int = 1,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int | None = None,
+        seed: int | None = None,
+        progress: bool = False,
+    ) -> list[list[Completion]]:
+        """Samples ``num_samples`` completions for each prompt; returns them as [prompt][sample].
+
+        ``temperature=0`` is greedy decoding (top-p / top-k are then irrelevant). The same seed
+        with the same arguments gives the same tokens; ``seed=None`` draws one from torch's
+        global RNG, so ``torch.manual_seed`` makes the call reproducible too.
+        """
+        self._check_args(prompts, num_samples, max_new_tokens, temperature, top_p, top_k)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        device = self.model.tok_embeddings.weight.device
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        # One row per sequence, prompt-major, cut into chunks of at most max_batch_size.
+        rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
+        out: list[list[Completion]] = [[] for _ in prompts]
+        modes = {m: m.training for m in self.model.modules()}
+        self.model.eval()  # no dropout (LoRA dropout included) while sampling
+        try:
+            with tqdm(total=len(rows), unit="seq", desc="generate", disable=not progress) as bar:
+                for start in range(0, len(rows), self.max_batch_size):
+                    chunk = rows[start : start + self.max_batch_size]
+                    completions = self._generate_chunk(
+                        [p for p, _ in chunk],
+                        prompts,
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=top_k,
+                        generator=generator,
+                    )
+                    for (p, _), completion in zip(chunk, completions):
+                        out[p].append(completion)
+                    bar.update(len(chunk))
+        finally:
+            for module, training in modes.items():
+                module.training = training
+        return out
+
+    def _generate_chunk(
+        self,
+        row_prompts: list[int],
+        prompts: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+        generator: torch.Generator,
+    ) -> list[Completion]:
+        """Generates one completion per entry of ``row_prompts`` (indices into ``prompts``)."""
+        model = self.model
+        device = model.tok_embeddings.weight.device
+        unique = sorted(set(row_prompts))
+        lens = torch.tensor([len(prompts[p]) for p in unique], device=device)  # [U]
+        n_unique, prompt_len = len(unique), int(lens.max())
+        cache_len = prompt_len + max_new_tokens
+
+        # Left-padded prompts [U, Lp]; pad positions get RoPE position 0 (they are never seen).
+        tokens = torch.full((n_unique, prompt_len), self.pad_id, dtype=torch.long, device=device)
+        for u, p in enumerate(unique):
+            tokens[u, prompt_len - len(prompts[p]) :] = torch.tensor(prompts[p], device=device)
+        pad_len = prompt_len - lens  # [U]
+        positions = (torch.arange(prompt_len, device=device) - pad_len[:, None]).clamp(min=0)
+        # key_valid[u, j]: cache slot j holds a real token of row u. [U, cache_len]
+        slots = torch.arange(cache_len, device=device)
+        key_valid = (slots[None, :] >= pad_len[:, None]) & (slots[None, :] < prompt_len)
+        # Prefill mask [U, Lp, cache_len]: causal, no padding keys; a pad query sees itself so
+        # its softmax row is not empty (an all-masked row would put NaN into the cache).
+        causal = slots[None, :] <= torch.arange(prompt_len, device=device)[:, None]
+        diagonal = slots[None, :] == torch.arange(prompt_len, device=device)[:, None]
+        mask = (causal[None] & key_valid[:, None, :]) | diagonal[None]
+
+        stop_ids = torch.tensor(self.stop_token_ids, dtype=torch.long, device=device)
+        n_rows = len(row_prompts)
+        token_ids: list[list[int]] = [[] for _ in range(n_rows)]
+        logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+        finished = [False] * n_rows
+
+        dtype = model.tok_embeddings.weight.dtype
+        with local_kv_cache(
+            model, batch_size=n_unique, device=device, dtype=dtype, decoder_max_seq_len=cache_len
+        ):
+            logits = self._last_logits(tokens, mask, positions)  # [U, V]
+
+            # Expand from one row per prompt to one row per sequence.
+            src = torch.tensor([unique.index(p) for p in row_prompts], device=device)  # [B]
+            _select_cache_rows(model, src)
+            logits, key_valid, next_pos = logits[src], key_valid[src], lens[src]
+            row_ids = torch.arange(n_rows, device=device)  # chunk sequence held by each row
+            done = torch.zeros(n_rows, dtype=torch.bool, device=device)
+
+            for step in range(max_new_tokens):
+                tok, tok_logprob = _sample(logits, temperature, top_p, top_k, generator)  # [B]
+                for r, t, lp, d in zip(
+                    row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist()
+                ):
+                    if not d:
+                        token_ids[r].append(t)
+                        logprobs[r].append(lp)
+                stopped = torch.isin(tok, stop_ids) & ~done
+                for r in row_ids[stopped].tolist():
+                    finished[r] = True
+                done |= stopped
+                if bool(done.all()) or step == max_new_tokens - 1:
+                    break
+                if 4 * int(done.sum()) >= len(done):
+                    # Drop finished rows: copying the cache once is cheaper than carrying them.
+                    keep = (~done).nonzero().squeeze(1)
+                    _select_cache_rows(model, keep)
+                    tok, key_valid, next_pos = tok[keep], key_valid[keep], next_pos[keep]
+                    row_ids, done = row_ids[keep], done[keep]
+                tok = tok.masked_fill(done, self.pad_id)
+                key_valid[:, prompt_len + step] = True
+                # Decode mask [B, 1, cache_len]: slots not yet written are still False.
+                logits = self._last_logits(tok[:, None], key_valid[:, None, :], next_pos[:, None])
+                next_pos = next_pos + 1
+
+        return [Completion(t, lp, f) for t, lp, f in zip(token_ids, logprobs, finished)]
+
+    def _last_logits(
+        self, tokens: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor
+    ) -> torch.Tensor:
+        """Runs tokens [B, S] through the cached model; returns fp32 logits [B, V] of the last
+        position. Walks the layers itself (as TransformerDecoder.forward does) so the prefill
+        never builds [B, S, V] logits and chunked output (set for training) does not apply."""
+        model = self.model
+        h = model.tok_embeddings(tokens)  # [B, S, D]
+        for layer in model.layers:
+            h = layer(h, mask=mask, input_pos=input_pos)
+        return model.output(model.norm(h[:, -1])).float()  # [B, V]
+
+    def _check_args(
+        self,
+        prompts: list[list[int]],
+        num_samples: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        top_k: int | None,
+    ) -> None:
+        vocab_size = self.model.tok_embeddings.num_embeddings
+        if not isinstance(prompts, list | tuple):
+            raise TypeError("prompts: expected a list of token-id lists")
+        for i, prompt in enumerate(prompts):
+            if len(prompt) == 0:
+                raise ValueError(f"prompts[{i}]: is empty; every prompt needs at least one token")
+            if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+                raise ValueError(f"prompts[{i}]: token ids must be ints in [0, {vocab_size})")
+            if len(prompt) + max_new_tokens > self.model.max_seq_len:
+                raise ValueError(
+                    f"prompts[{i}]: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}"
+                    f" exceed the model's max_seq_len={self.model.max_seq_len}; shorten the"
+                    " prompt or lower max_new_tokens"
+                )
+        if num_samples < 1:
+            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k: must be >= 1 or None (no top-k), got {top_k}")
+
+
+def _select_cache_rows(model: nn.Module, rows: torch.Tensor) -> None:
+    """Keeps (or repeats) the KV cache rows ``rows`` [B'] in every layer's cache."""
+    for module in model.modules():
+        if isinstance(module, KVCache):
+            module.k_cache = module.k_cache.index_select(0, rows)
+            module.v_cache = module.v_cache.index_select(0, rows)
+            module.batch_size = len(rows)
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draws one token per row from logits [B, V] (fp32).
+
+    Returns tokens [B] and their log-probs [B] under softmax(logits / temperature), taken
+    before top-k / top-p truncation (softmax(logits) when greedy).
+    """
+    if temperature == 0:
+        tok = logits.argmax(dim=-1)
+        return tok, _token_logprob(logits, tok)
+    scaled = logits / temperature
+    filtered = scaled
+    if top_k is not None and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose mass reaches top_p.
+        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = filtered.softmax(dim=-1)
+    tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tok, _token_logprob(scaled, tok)
+
+
+def _token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[tok] for logits [B, V], tok [B] -> [B]."""
+    return logits.gather(-1, tok[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
