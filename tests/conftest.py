@@ -27,3 +27,11 @@ def smollm2_model(smollm2_dir):
     model = load_smollm2(smollm2_dir)
     model.requires_grad_(False)
     return model
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    """packrl ChatTokenizer for SmolLM2 (ChatML; stop_token_ids == [2], i.e. <|im_end|>)."""
+    from packrl.models import ChatTokenizer
+
+    return ChatTokenizer.from_dir(smollm2_dir)
