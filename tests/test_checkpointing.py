@@ -1,0 +1,407 @@
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torchtune.models import convert_weights
+from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
+from torchtune.training import FullModelHFCheckpointer
+
+from packrl import checkpointing
+from packrl.checkpointing import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+DIMS = dict(
+    vocab_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=32,
+    intermediate_dim=64,
+    max_seq_len=64,
+    rope_base=100_000,
+    scale_factor=1,
+)
+LORA = dict(lora_attn_modules=["q_proj", "k_proj", "v_proj"], apply_lora_to_mlp=True)
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 32,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": True,
+    "vocab_size": 64,
+    "hidden_act": "silu",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "torch_dtype": "float32",
+}
+
+
+def tiny(seed=0, lora=False):
+    torch.manual_seed(seed)
+    if lora:
+        return lora_llama3_2(**LORA, lora_rank=4, lora_alpha=8.0, **DIMS)
+    return llama3_2(**DIMS)
+
+
+@pytest.fixture()
+def source_dir(tmp_path):
+    """An HF model dir for the tiny model: weights, config, a tokenizer file, a GGUF marker."""
+    src = tmp_path / "source"
+    src.mkdir()
+    sd = tiny(seed=123).state_dict()
+    hf = convert_weights.tune_to_hf(sd, num_heads=4, num_kv_heads=2, dim=32, head_dim=8)
+    save_file({k: v.contiguous() for k, v in hf.items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps(HF_CONFIG))
+    (src / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+    (src / "packrl_source.json").write_text("{}")
+    return src
+
+
+def load_source(model, src):
+    """What the recipe does at startup: source weights into a (LoRA) model."""
+    hf = load_file(src / "model.safetensors")
+    sd = convert_weights.hf_to_tune(hf, num_heads=4, num_kv_heads=2, dim=32, head_dim=8)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    assert not unexpected and all("lora" in k for k in missing)
+    return model
+
+
+def setup_training(model, lr=1e-2):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    return opt, sched
+
+
+TOKENS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(7))
+
+
+def train_step(model, opt, sched) -> float:
+    logits = model(TOKENS[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), TOKENS[:, 1:].flatten())
+    loss.backward()
+    opt.step()
+    sched.step()
+    opt.zero_grad()
+    return loss.item()
+
+
+def freeze_base(model):
+    for n, p in model.named_parameters():
+        p.requires_grad_("lora" in n)
+
+
+def rng_draws(gen):
+    return (
+        torch.rand(3).tolist(),
+        random.random(),
+        np.random.rand(2).tolist(),
+        torch.rand(3, generator=gen).tolist(),
+    )
+
+
+def test_full_save_load_is_exact(source_dir, tmp_path):
+    out = tmp_path / "out"
+    model = load_source(tiny(), source_dir)
+    opt, sched = setup_training(model)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        train_step(model, opt, sched)
+    torch.rand(1, generator=gen)
+    step_dir = save_checkpoint(
+        out,
+        3,
+        model=model,
+        source_checkpoint_dir=source_dir,
+        optimizer=opt,
+        lr_scheduler=sched,
+        data_state={"epoch": 1, "index": 7},
+        generators={"sampler": gen},
+    )
+    assert step_dir == out / "step_3" and latest_checkpoint(out) == step_dir
+    assert (out / "latest").read_text().strip() == "step_3"
+    # source files copied (config, tokenizer), other runs' markers not
+    assert (step_dir / "tokenizer_config.json").is_file()
+    assert not (step_dir / "packrl_source.json").exists()
+    expected_draws = rng_draws(gen)
+    saved_lr = sched.get_last_lr()
+    expected_next_loss = train_step(model, opt, sched)
+
+    fresh = tiny(seed=99)
+    fresh_opt, fresh_sched = setup_training(fresh)
+    fresh_gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(1234), random.seed(1), np.random.seed(1)
+    info = load_checkpoint(
+        out,
+        model=fresh,
+        optimizer=fresh_opt,
+        lr_scheduler=fresh_sched,
+        generators={"sampler": fresh_gen},
+    )
+    assert info["step"] == 3 and info["data_state"] == {"epoch": 1, "index": 7}
+    assert info["path"] == step_dir
+    assert fresh_sched.get_last_lr() == saved_lr != setup_training(tiny())[1].get_last_lr()
+    assert rng_draws(fresh_gen) == expected_draws
+    saved_state = torch.load(step_dir / "training_state.pt", weights_only=True)
+    assert saved_state["lr_scheduler"]["last_epoch"] == fresh_sched.last_epoch == 3
+    # optimizer state is bitwise the saved one
+    for k, v in saved_state["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(fresh_opt.state_dict()["state"][k][name], t), (k, name)
+    # the next step is identical (params, optimizer and schedule all restored exactly)
+    assert train_step(fresh, fresh_opt, fresh_sched) == expected_next_loss
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_full_checkpoint_reloads_in_torchtune_with_shards(source_dir, tmp_path):
+    model = load_source(tiny(), source_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    step_dir = save_checkpoint(
+        tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir, max_shard_bytes=20_000
+    )
+    index = json.loads((step_dir / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((step_dir / s).is_file() for s in shards)
+    ckpt = FullModelHFCheckpointer(
+        checkpoint_dir=str(step_dir),
+        checkpoint_files=shards,
+        model_type="LLAMA3_2",
+        output_dir=str(tmp_path / "tt_out"),
+    )
+    loaded = ckpt.load_checkpoint()["model"]
+    expected = model.state_dict()
+    assert loaded.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.equal(loaded[k], v), k
+
+
+@pytest.mark.slow
+def test_full_checkpoint_loads_in_transformers(source_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = load_source(tiny(), source_dir).eval()
+    step_dir = save_checkpoint(tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir)
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(step_dir).eval()
+    with torch.no_grad():
+        expected = model(TOKENS)
+        got = hf_model(TOKENS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_peft_files_and_exact_resume(source_dir, tmp_path):
+    out = tmp_path / "out"
+    model = load_source(tiny(lora=True), source_dir)
+    freeze_base(model)
+    opt, sched = setup_training(model)
+    for _ in range(2):
+        train_step(model, opt, sched)
+    step_dir = save_checkpoint(
+        out, 2, model=model, source_checkpoint_dir=source_dir, optimizer=opt, lr_scheduler=sched
+    )
+
+    cfg = json.loads((step_dir / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8.0 and cfg["use_dora"] is False
+    assert sorted(cfg["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "gate_proj", "down_proj", "up_proj"]
+    )
+    assert cfg["base_model_name_or_path"] == str(source_dir.resolve())
+
+    # PEFT math on HF weights: base + alpha/r * B @ A must equal the merged full checkpoint.
+    peft = load_file(step_dir / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in peft
+    base = load_file(source_dir / "model.safetensors")
+    merged = load_file(step_dir / "model.safetensors")
+    assert merged.keys() == base.keys()
+    targets = 0
+    for key, w in base.items():
+        a_key = "base_model.model." + key.replace(".weight", ".lora_A.weight")
+        if a_key in peft:
+            b = peft[a_key.replace("lora_A", "lora_B")]
+            w = w + (8.0 / 4) * b @ peft[a_key]
+            targets += 1
+        torch.testing.assert_close(merged[key], w, rtol=1e-5, atol=1e-6)
+    assert targets == 2 * 6
+
+    # resume: source weights + saved adapters -> identical next step
+    expected_next = train_step(model, opt, sched)
+    fresh = load_source(tiny(seed=5, lora=True), source_dir)
+    freeze_base(fresh)
+    fresh_opt, fresh_sched = setup_training(fresh)
+    assert (
+        load_checkpoint(step_dir, model=fresh, optimizer=fresh_opt, lr_scheduler=fresh_sched)[
+            "step"
+        ]
+        == 2
+    )
+    assert train_step(fresh, fresh_opt, fresh_sched) == expected_next
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_lora_adapter_only(source_dir, tmp_path):
+    model = load_source(tiny(lora=True), source_dir)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+    step_dir = save_checkpoint(
+        tmp_path / "out", 4, model=model, source_checkpoint_dir=source_dir, adapter_only=True
+    )
+    names = {p.name for p in step_dir.iterdir()}
+    assert names == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "training_state.pt",
+        "packrl_checkpoint.json",
+    }
+    fresh = load_source(tiny(seed=3, lora=True), source_dir)
+    load_checkpoint(tmp_path / "out", model=fresh)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        save_checkpoint(
+            tmp_path / "x", 1, model=tiny(), source_checkpoint_dir=source_dir, adapter_only=True
+        )
+
+
+def test_exception_mid_save_keeps_previous_checkpoint(source_dir, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    model = load_source(tiny(), source_dir)
+    save_checkpoint(out, 1, model=model, source_checkpoint_dir=source_dir)
+    good = model.state_dict()["norm.scale"].clone()
+    with torch.no_grad():
+        model.norm.scale.add_(1.0)
+
+    def boom(path, state):
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(checkpointing, "_save_training_state", boom)
+    with pytest.raises(OSError, match="injected"):
+        save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir)
+    assert latest_checkpoint(out) == out / "step_1"
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_1"]
+    fresh = tiny(seed=4)
+    assert load_checkpoint(out, model=fresh)["step"] == 1
+    assert torch.equal(fresh.norm.scale, good)
+
+
+def test_killed_mid_save_keeps_previous_checkpoint(source_dir, tmp_path):
+    """A real crash: the saving process is SIGKILLed after writing the weights of step 2."""
+    out = tmp_path / "out"
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_checkpointing import tiny, load_source
+        from pathlib import Path
+        from packrl import checkpointing
+        src, out = Path({str(source_dir)!r}), Path({str(out)!r})
+        model = load_source(tiny(), src)
+        checkpointing.save_checkpoint(out, 1, model=model, source_checkpoint_dir=src)
+        checkpointing._save_training_state = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        checkpointing.save_checkpoint(out, 2, model=model, source_checkpoint_dir=src)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".tmp-step_2")]
+    assert leftovers and (out / leftovers[0] / "model.safetensors").is_file()  # it was mid-save
+    assert latest_checkpoint(out) == out / "step_1"
+    assert load_checkpoint(out, model=tiny(seed=4))["step"] == 1
+    # the next save cleans up the debris
+    save_checkpoint(out, 3, model=tiny(), source_checkpoint_dir=source_dir, keep_last=1)
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_3"]
+
+
+def test_bad_checkpoints_name_the_problem(source_dir, tmp_path):
+    out = tmp_path / "out"
+    model = load_source(tiny(), source_dir)
+    opt, _ = setup_training(model)
+    gen = torch.Generator()
+    step_dir = save_checkpoint(
+        out, 1, model=model, source_checkpoint_dir=source_dir, generators={"g": gen}
+    )
+
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        load_checkpoint(tmp_path / "nowhere", model=tiny())
+    with pytest.raises(CheckpointError, match="generators"):
+        load_checkpoint(out, model=tiny(), generators={})
+    with pytest.raises(CheckpointError, match="without optimizer state"):
+        load_checkpoint(out, model=tiny(), optimizer=opt, generators={"g": gen})
+    with pytest.raises(CheckpointError, match="different model"):
+        load_checkpoint(out, model=tiny(lora=True), generators={"g": gen})
+    other = llama3_2(**{**DIMS, "embed_dim": 64})
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        load_checkpoint(out, model=other, generators={"g": gen})
+    with pytest.raises(CheckpointError, match="does not fit the model.*bfloat16"):
+        load_checkpoint(out, model=tiny().to(torch.bfloat16), generators={"g": gen})
+
+    (step_dir / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
+        load_checkpoint(out, model=tiny(), generators={"g": gen})
+    (step_dir / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="training_state.pt is corrupt"):
+        load_checkpoint(step_dir, model=tiny(), generators={"g": gen})
+    (step_dir / "training_state.pt").unlink()
+    with pytest.raises(CheckpointError, match="training_state.pt is missing"):
+        load_checkpoint(step_dir, model=tiny(), generators={"g": gen})
+    (out / "latest").write_text("step_9\n")
+    with pytest.raises(CheckpointError, match="step_9"):
+        load_checkpoint(out, model=tiny())
+
+    with pytest.raises(ValueError, match="model_type='GEMMA'"):
+        save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir, model_type="gemma")
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        save_checkpoint(out, 2, model=model, source_checkpoint_dir=tmp_path)
+
+
+def test_keep_last(source_dir, tmp_path):
+    out = tmp_path / "out"
+    model = load_source(tiny(), source_dir)
+    for step in (1, 2, 3):
+        save_checkpoint(out, step, model=model, source_checkpoint_dir=source_dir, keep_last=2)
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_2", "step_3"]
+    # saving a step again replaces it atomically
+    save_checkpoint(out, 3, model=model, source_checkpoint_dir=source_dir, keep_last=2)
+    assert latest_checkpoint(out) == out / "step_3"
+    assert sorted(p.name for p in out.iterdir()) == ["latest", "step_2", "step_3"]
+
+
+def test_smollm2_checkpoint_round_trips_through_torchtune(smollm2_dir, smollm2_model, tmp_path):
+    step_dir = save_checkpoint(
+        tmp_path / "out", 0, model=smollm2_model, source_checkpoint_dir=smollm2_dir
+    )
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (step_dir / name).read_bytes() == (Path(smollm2_dir) / name).read_bytes()
+    ckpt = FullModelHFCheckpointer(
+        checkpoint_dir=str(step_dir),
+        checkpoint_files=["model.safetensors"],
+        model_type="LLAMA3_2",
+        output_dir=str(tmp_path / "tt_out"),
+    )
+    loaded = ckpt.load_checkpoint()["model"]
+    expected = smollm2_model.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
