@@ -141,7 +141,8 @@ class NativeSampler:
         slots = torch.arange(cache_len, device=device)
         key_valid = (slots[None, :] >= pad_len[:, None]) & (slots[None, :] < prompt_len)
         # Prefill mask [U, Lp, cache_len]: causal, no padding keys; a pad query sees itself so
-        # its softmax row is not empty (an all-masked row would put NaN into the cache).
+        # its row is never all-masked (some SDPA kernels return NaN there, which would then
+        # leak through the cache as 0 * NaN).
         causal = slots[None, :] <= torch.arange(prompt_len, device=device)[:, None]
         diagonal = slots[None, :] == torch.arange(prompt_len, device=device)[:, None]
         mask = (causal[None] & key_valid[:, None, :]) | diagonal[None]
