@@ -71,20 +71,18 @@ def test_logprobs_match_full_forward(tiny):
         PROMPTS, num_samples=3, max_new_tokens=12, temperature=0.7, top_p=0.95, top_k=50, seed=3
     )
     assert [len(samples) for samples in out] == [3] * len(PROMPTS)
-    for prompt, samples in zip(PROMPTS, out):
+    for prompt, samples in zip(PROMPTS, out, strict=True):
         for c in samples:
             assert isinstance(c, Completion)
             assert len(c.token_ids) == len(c.logprobs) >= 1
             ref = full_logprobs(tiny, prompt, c.token_ids, temperature=0.7)
-            torch.testing.assert_close(
-                torch.tensor(c.logprobs), ref, atol=LOGPROB_ATOL, rtol=0
-            )
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=LOGPROB_ATOL, rtol=0)
 
 
 def test_greedy_matches_uncached_reference(tiny):
     sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
     out = sampler.generate(PROMPTS, max_new_tokens=16, temperature=0.0)
-    for prompt, (c,) in zip(PROMPTS, out):
+    for prompt, (c,) in zip(PROMPTS, out, strict=True):
         assert c.token_ids == reference_greedy(tiny, prompt, 16, set())
         assert not c.finished
         ref = full_logprobs(tiny, prompt, c.token_ids)
@@ -114,7 +112,7 @@ def test_stop_tokens_end_sequences(tiny):
     sampler = NativeSampler(tiny, stop_token_ids=[unused, stop], pad_id=PAD, max_batch_size=4)
     out = sampler.generate(PROMPTS, max_new_tokens=20, temperature=0)
     hit_any = False
-    for full, (c,) in zip(unstopped, out):
+    for full, (c,) in zip(unstopped, out, strict=True):
         if stop in full:
             hit_any = True
             cut = full.index(stop) + 1
@@ -157,7 +155,7 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     greedy = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, temperature=0)
     top_k = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, top_k=1, seed=0)
     top_p = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, top_p=1e-6, seed=0)
-    for g, k, p in zip(greedy, top_k, top_p):
+    for g, k, p in zip(greedy, top_k, top_p, strict=True):
         assert [x.token_ids for x in g] == [x.token_ids for x in k] == [x.token_ids for x in p]
         # Logprobs are of the untruncated softmax(logits / 1), as in greedy.
         torch.testing.assert_close(
@@ -189,9 +187,7 @@ def test_first_token_distribution():
 def test_training_unaffected_lora_and_checkpointing():
     """LoRA with dropout and activation checkpointing, in train mode, as the recipe has it."""
     torch.manual_seed(0)
-    model = lora_llama3_2(
-        ["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, lora_dropout=0.5, **TINY
-    )
+    model = lora_llama3_2(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, lora_dropout=0.5, **TINY)
     _init(model)
     for name, p in model.named_parameters():
         if "lora_b" in name:  # non-zero adapters, so LoRA paths matter
@@ -210,7 +206,7 @@ def test_training_unaffected_lora_and_checkpointing():
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora" in n)
     # Logprobs were taken with dropout off: they match an eval-mode forward.
     model.eval()
-    for prompt, samples in zip(PROMPTS, out):
+    for prompt, samples in zip(PROMPTS, out, strict=True):
         for c in samples:
             ref = full_logprobs(model, prompt, c.token_ids, temperature=0.9)
             torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=LOGPROB_ATOL, rtol=0)

@@ -104,7 +104,7 @@ class NativeSampler:
                         top_k=top_k,
                         generator=generator,
                     )
-                    for (p, _), completion in zip(chunk, completions):
+                    for (p, _), completion in zip(chunk, completions, strict=True):
                         out[p].append(completion)
                     bar.update(len(chunk))
         finally:
@@ -169,7 +169,7 @@ class NativeSampler:
             for step in range(max_new_tokens):
                 tok, tok_logprob = _sample(logits, temperature, top_p, top_k, generator)  # [B]
                 for r, t, lp, d in zip(
-                    row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist()
+                    row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist(), strict=True
                 ):
                     if not d:
                         token_ids[r].append(t)
@@ -192,7 +192,9 @@ class NativeSampler:
                 logits = self._last_logits(tok[:, None], key_valid[:, None, :], next_pos[:, None])
                 next_pos = next_pos + 1
 
-        return [Completion(t, lp, f) for t, lp, f in zip(token_ids, logprobs, finished)]
+        return [
+            Completion(t, lp, f) for t, lp, f in zip(token_ids, logprobs, finished, strict=True)
+        ]
 
     def _last_logits(
         self, tokens: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor
