@@ -209,6 +209,31 @@ def test_full_checkpoint_loads_in_transformers(source_dir, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_lora_adapter_loads_in_peft(source_dir, tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    # torchtune pins torchao 0.13; peft's optional torchao layers want >= 0.16 and raise on
+    # import checks. They play no part in plain LoRA, so report torchao as absent.
+    monkeypatch.setattr("peft.tuners.lora.torchao.is_torchao_available", lambda: False)
+    model = load_source(tiny(lora=True), source_dir).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_b" in n:
+                p.normal_(std=0.1)
+    step_dir = save_checkpoint(
+        tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir, adapter_only=True
+    )
+    base = transformers.LlamaForCausalLM.from_pretrained(source_dir)
+    hf_model = peft.PeftModel.from_pretrained(base, step_dir).eval()
+    with torch.no_grad():
+        expected = model(TOKENS)
+        got = hf_model(input_ids=TOKENS).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad(), hf_model.disable_adapter():
+        assert (hf_model(input_ids=TOKENS).logits - expected).abs().max() > 1e-2
+
+
 def test_lora_peft_files_and_exact_resume(source_dir, tmp_path):
     out = tmp_path / "out"
     model = load_source(tiny(lora=True), source_dir)

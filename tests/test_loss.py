@@ -162,3 +162,39 @@ def test_stats_of_an_empty_micro_batch_add_neutrally():
     assert empty.means()["ratio_mean"] == 1.0
     both: LossStats = empty + s
     assert both.means() == s.means()
+
+
+def _all_reduce_worker(rank: int, init_file: str, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    g = torch.Generator().manual_seed(rank)
+    logp = torch.randn(2, 8, generator=g) * 0.3
+    mask = torch.rand(2, 8, generator=g) < 0.8
+    _, stats = grpo_loss(
+        logp,
+        torch.zeros(2, 8),
+        torch.randn(2, 8, generator=g),
+        torch.ones(2, 8),
+        mask,
+        beta=0.0,
+        **EPS,
+    )
+    results[rank] = (stats, stats.all_reduce())
+    dist.destroy_process_group()
+
+
+def test_stats_all_reduce_across_two_ranks(tmp_path):
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    (local0, reduced0), (local1, reduced1) = results[0], results[1]
+    expected = (local0 + local1).means()
+    assert reduced0.means() == pytest.approx(expected) and reduced1.means() == pytest.approx(
+        expected
+    )
+    assert expected["ratio_min"] == min(local0.means()["ratio_min"], local1.means()["ratio_min"])
+    assert expected["tokens"] == local0.means()["tokens"] + local1.means()["tokens"]
+    # single process, no group: a no-op
+    assert LossStats.all_reduce(local0) is local0
