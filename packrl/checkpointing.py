@@ -26,6 +26,7 @@ optimizer and scheduler, then call ``load_checkpoint``. For full fine-tuning it 
 weights; under LoRA it loads the adapters on top of the (unchanged) base weights.
 """
 
+import io
 import json
 import os
 import random
@@ -358,8 +359,9 @@ def _write_checkpoint_files(
         full = state_dict
         if adapter:
             hp = _lora_hparams(model)
-            # get_merged_lora_ckpt adds into the base weights in place: give it copies.
-            full = {k: v.clone() if k.endswith(".weight") else v for k, v in state_dict.items()}
+            # get_merged_lora_ckpt adds into the adapted base weights in place: copy those.
+            adapted = {k.replace(".lora_a.weight", ".weight") for k in adapter if ".lora_a." in k}
+            full = {k: v.clone() if k in adapted else v for k, v in state_dict.items()}
             full = get_merged_lora_ckpt(full, rank=hp["rank"], alpha=hp["alpha"])
         hf = _tune_to_hf(full, model_type, config)
         hf = {k: v.contiguous() for k, v in hf.items()}
@@ -384,6 +386,20 @@ def _write_checkpoint_files(
         "params": _describe_params(state_dict),
     }
     return meta, adapter
+
+
+def _check_loadable(name: str, value: Any) -> None:
+    """Fail at save time, not at resume, if ``value`` will not load with weights_only=True."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    buffer.seek(0)
+    try:
+        torch.load(buffer, weights_only=True)
+    except Exception as e:
+        raise TypeError(
+            f"{name} must hold only plain Python values (dict, list, str, int, float, bool, "
+            f"None) and tensors, so that it loads safely: {e}"
+        ) from e
 
 
 def _save_training_state(path: Path, state: dict) -> None:
@@ -417,6 +433,12 @@ def save_checkpoint(
         raise ValueError(f"step must be >= 0, got {step}")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    _check_loadable("data_state", data_state)
+    for name, g in (generators or {}).items():
+        if not isinstance(g, torch.Generator):
+            raise TypeError(
+                f"generators[{name!r}] must be a torch.Generator, got {type(g).__name__}"
+            )
     out_dir = Path(out_dir).expanduser()
     source = Path(source_checkpoint_dir).expanduser()
     config = _read_config(source)

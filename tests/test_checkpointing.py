@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torchtune.models import convert_weights
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 from torchtune.training import FullModelHFCheckpointer
+from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
 from packrl import checkpointing
 from packrl.checkpointing import (
@@ -86,9 +87,10 @@ def load_source(model, src):
 
 
 def setup_training(model, lr=1e-2):
+    """AdamW and torchtune's warmup + cosine schedule, as the recipe configs use."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10))
+    sched = get_cosine_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=20)
     return opt, sched
 
 
@@ -398,6 +400,12 @@ def test_bad_checkpoints_name_the_problem(source_dir, tmp_path):
 
     with pytest.raises(ValueError, match="model_type='GEMMA'"):
         save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir, model_type="gemma")
+    with pytest.raises(TypeError, match="data_state must hold only plain"):
+        save_checkpoint(
+            out, 2, model=model, source_checkpoint_dir=source_dir, data_state={"x": np.int64(3)}
+        )
+    with pytest.raises(TypeError, match=r"generators\['g'\] must be a torch.Generator"):
+        save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir, generators={"g": 3})
     with pytest.raises(FileNotFoundError, match="no config.json"):
         save_checkpoint(out, 2, model=model, source_checkpoint_dir=tmp_path)
 
