@@ -1,0 +1,325 @@
+"""Clues: structured statements about a world, their English text, and their truth.
+
+A clue is a plain JSON-ready dict with a ``"family"`` key; the CP-SAT encoding of each family
+lives in `model.py`. A *subject* names whoever or whatever a statement is about:
+
+    {"type": "suspect", "name": "Mrs. White"}     {"type": "weapon", "name": "Rope"}
+    {"type": "murderer"}                           {"type": "murder_weapon"}
+    {"type": "motive", "name": "Greed"}            (the suspect motivated by Greed)
+
+Families (times are labels from the world's list; ``next_time`` is the time after ``time``):
+
+    at          subject, room, time            the subject was in the room at the time
+    motive      suspect, motive                the suspect is motivated by the motive
+    either      atoms: [a, b]                  exactly one of two at/motive statements holds
+    iff         atoms: [a, b]                  both hold or neither does
+    same_room   subjects: [s1, s2], time       s1 and s2 were in the same room at the time
+    together    subjects: [s1, s2], room       both were in the room at the same time at least once
+    moved       subject, from, to, time, next_time
+    carried     subject, weapon, from, to, time, next_time   (the suspect carried the weapon)
+    direction   subjects: [s1, s2], direction, time  s1 was in the room directly <direction> of s2's
+    murder_room subject, time                  the subject was in the murder room at the time
+    murder_time relation ("before"/"after"), time   the murder happened before/after the time
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+from packrl.tasks.temporal_clue.scenario import DIRECTIONS, World
+
+Clue = dict[str, Any]
+Subject = dict[str, str]
+
+
+# --- text ------------------------------------------------------------------------------
+def subject_text(s: Subject) -> str:
+    kind = s["type"]
+    if kind == "suspect":
+        return s["name"]
+    if kind == "weapon":
+        return f"the {s['name']}"
+    if kind == "murderer":
+        return "the murderer"
+    if kind == "murder_weapon":
+        return "the murder weapon"
+    return f"the suspect motivated by {s['name']}"
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _atom_text(a: Clue) -> str:
+    if a["family"] == "at":
+        return f"{subject_text(a['subject'])} was in the {a['room']} at {a['time']}"
+    return f"{a['suspect']} was motivated by {a['motive']}"
+
+
+def clue_text(c: Clue) -> str:
+    """One English sentence for a clue."""
+    f = c["family"]
+    if f in ("at", "motive"):
+        return _cap(_atom_text(c)) + "."
+    if f == "either":
+        a, b = c["atoms"]
+        return f"Either {_atom_text(a)} or {_atom_text(b)}, but not both."
+    if f == "iff":
+        a, b = c["atoms"]
+        return f"{_cap(_atom_text(a))} if and only if {_atom_text(b)}."
+    if f == "same_room":
+        s1, s2 = map(subject_text, c["subjects"])
+        return f"At {c['time']}, {s1} was in the same room as {s2}."
+    if f == "together":
+        s1, s2 = map(subject_text, c["subjects"])
+        return f"{_cap(s1)} and {s2} were both in the {c['room']} at the same time at least once."
+    if f == "moved":
+        s = subject_text(c["subject"])
+        return (
+            f"{_cap(s)} moved from the {c['from']} to the {c['to']} "
+            f"between {c['time']} and {c['next_time']}."
+        )
+    if f == "carried":
+        s, w = subject_text(c["subject"]), subject_text(c["weapon"])
+        return (
+            f"{_cap(s)} carried {w} from the {c['from']} to the {c['to']} "
+            f"between {c['time']} and {c['next_time']}."
+        )
+    if f == "direction":
+        s1, s2 = map(subject_text, c["subjects"])
+        return f"At {c['time']}, {s1} was directly {c['direction']} of {s2}."
+    if f == "murder_room":
+        return f"{_cap(subject_text(c['subject']))} was in the murder room at {c['time']}."
+    if f == "murder_time":
+        return f"The murder happened {c['relation']} {c['time']}."
+    raise ValueError(f"unknown clue family {f!r}")
+
+
+# --- truth -----------------------------------------------------------------------------
+def holds(c: Clue, w: World) -> bool:
+    """Whether the clue is true in world `w`."""
+    f = c["family"]
+    if f == "at":
+        return w.room_of(c["subject"], c["time"]) == c["room"]
+    if f == "motive":
+        return w.motive_of[c["suspect"]] == c["motive"]
+    if f == "either":
+        return sum(holds(a, w) for a in c["atoms"]) == 1
+    if f == "iff":
+        a, b = c["atoms"]
+        return holds(a, w) == holds(b, w)
+    if f == "same_room":
+        s1, s2 = c["subjects"]
+        return w.room_of(s1, c["time"]) == w.room_of(s2, c["time"])
+    if f == "together":
+        s1, s2 = c["subjects"]
+        return any(w.room_of(s1, t) == c["room"] == w.room_of(s2, t) for t in w.times)
+    if f in ("moved", "carried"):
+        movers = [c["subject"]] + ([c["weapon"]] if f == "carried" else [])
+        return all(
+            w.room_of(s, c["time"]) == c["from"] and w.room_of(s, c["next_time"]) == c["to"]
+            for s in movers
+        )
+    if f == "direction":
+        s1, s2 = c["subjects"]
+        t = c["time"]
+        return w.neighbor(w.room_of(s2, t), c["direction"]) == w.room_of(s1, t)
+    if f == "murder_room":
+        return w.room_of(c["subject"], c["time"]) == w.room
+    if f == "murder_time":
+        murder, t = w.times.index(w.time), w.times.index(c["time"])
+        return murder < t if c["relation"] == "before" else murder > t
+    raise ValueError(f"unknown clue family {f!r}")
+
+
+# --- sampling true clues ---------------------------------------------------------------
+def _entity(s: Subject, w: World) -> str:
+    """The suspect or weapon a subject refers to in world `w`."""
+    kind = s["type"]
+    if kind in ("suspect", "weapon"):
+        return s["name"]
+    if kind == "murderer":
+        return w.murderer
+    if kind == "murder_weapon":
+        return w.weapon
+    return w.suspect_with_motive(s["name"])
+
+
+def _subject(rng: random.Random, w: World, people: bool = True, things: bool = True) -> Subject:
+    """A random subject; named ones 60% of the time, descriptions ("the murderer") 40%."""
+    named = [{"type": "suspect", "name": s} for s in w.suspects] if people else []
+    named += [{"type": "weapon", "name": x} for x in w.weapons] if things else []
+    described = [{"type": "murderer"}] + [{"type": "motive", "name": m} for m in w.motives]
+    described = described if people else []
+    described += [{"type": "murder_weapon"}] if things else []
+    return rng.choice(named if rng.random() < 0.6 else described)
+
+
+def _pair(rng: random.Random, w: World, people2: bool = True) -> tuple[Subject, Subject]:
+    """Two random subjects that refer to different suspects/weapons."""
+    while True:
+        s1 = _subject(rng, w, things=rng.random() < 0.3)
+        s2 = _subject(rng, w, people=people2)
+        if _entity(s1, w) != _entity(s2, w):
+            return s1, s2
+
+
+def _atom(rng: random.Random, w: World, truth: bool) -> Clue:
+    """A random at/motive statement with the given truth value."""
+    if rng.random() < 0.25:
+        s = rng.choice(w.suspects)
+        options = [m for m in w.motives if (w.motive_of[s] == m) == truth]
+        return {"family": "motive", "suspect": s, "motive": rng.choice(options)}
+    s, t = _subject(rng, w), rng.choice(w.times)
+    here = w.room_of(s, t)
+    room = here if truth else rng.choice([r for r in w.rooms if r != here])
+    return {"family": "at", "subject": s, "room": room, "time": t}
+
+
+def _fact(rng: random.Random, w: World) -> Clue | None:
+    kind = rng.choice(["suspect", "suspect", "weapon"])
+    s = {"type": kind, "name": rng.choice(w.suspects if kind == "suspect" else w.weapons)}
+    t = rng.choice(w.times)
+    return {"family": "at", "subject": s, "room": w.room_of(s, t), "time": t}
+
+
+def _motive(rng: random.Random, w: World) -> Clue | None:
+    s = rng.choice(w.suspects)
+    return {"family": "motive", "suspect": s, "motive": w.motive_of[s]}
+
+
+def _described(rng: random.Random, w: World) -> Clue | None:
+    s = rng.choice([{"type": "murderer"}, {"type": "murder_weapon"}] + [
+        {"type": "motive", "name": m} for m in w.motives
+    ])  # fmt: skip
+    t = rng.choice(w.times)
+    return {"family": "at", "subject": s, "room": w.room_of(s, t), "time": t}
+
+
+def _either(rng: random.Random, w: World) -> Clue | None:
+    atoms = [_atom(rng, w, True), _atom(rng, w, False)]
+    rng.shuffle(atoms)
+    return {"family": "either", "atoms": atoms}
+
+
+def _iff(rng: random.Random, w: World) -> Clue | None:
+    truth = rng.random() < 0.5
+    return {"family": "iff", "atoms": [_atom(rng, w, truth), _atom(rng, w, truth)]}
+
+
+def _same_room(rng: random.Random, w: World) -> Clue | None:
+    t = rng.choice(w.times)
+    for _ in range(20):
+        s1, s2 = _pair(rng, w)
+        if w.room_of(s1, t) == w.room_of(s2, t):
+            return {"family": "same_room", "subjects": [s1, s2], "time": t}
+    return None
+
+
+def _together(rng: random.Random, w: World) -> Clue | None:
+    for _ in range(20):
+        s1, s2 = _pair(rng, w)
+        rooms = sorted({w.room_of(s1, t) for t in w.times if w.room_of(s1, t) == w.room_of(s2, t)})
+        if rooms:
+            return {"family": "together", "subjects": [s1, s2], "room": rng.choice(rooms)}
+    return None
+
+
+def _moves(w: World, s: Subject) -> list[tuple[str, str, str, str]]:
+    """(from, to, time, next_time) for every move the subject made."""
+    out = []
+    for t0, t1 in zip(w.times, w.times[1:], strict=False):
+        a, b = w.room_of(s, t0), w.room_of(s, t1)
+        if a != b:
+            out.append((a, b, t0, t1))
+    return out
+
+
+def _moved(rng: random.Random, w: World) -> Clue | None:
+    s = _subject(rng, w, things=rng.random() < 0.3)
+    moves = _moves(w, s)
+    if not moves:
+        return None
+    a, b, t0, t1 = rng.choice(moves)
+    return {"family": "moved", "subject": s, "from": a, "to": b, "time": t0, "next_time": t1}
+
+
+def _carried(rng: random.Random, w: World) -> Clue | None:
+    weapon = _subject(rng, w, people=False)
+    moves = _moves(w, weapon)
+    if not moves:
+        return None
+    a, b, t0, t1 = rng.choice(moves)
+    for _ in range(20):
+        s = _subject(rng, w, things=False)
+        if w.room_of(s, t0) == a and w.room_of(s, t1) == b:
+            return {"family": "carried", "subject": s, "weapon": weapon, "from": a, "to": b,
+                    "time": t0, "next_time": t1}  # fmt: skip
+    return None
+
+
+def _direction(rng: random.Random, w: World) -> Clue | None:
+    t = rng.choice(w.times)
+    for _ in range(20):
+        s1, s2 = _pair(rng, w)
+        for d in DIRECTIONS:
+            if w.neighbor(w.room_of(s2, t), d) == w.room_of(s1, t):
+                return {"family": "direction", "subjects": [s1, s2], "direction": d, "time": t}
+    return None
+
+
+def _murder_room(rng: random.Random, w: World) -> Clue | None:
+    t = rng.choice(w.times)
+    there = [s for s in [_subject(rng, w) for _ in range(10)] if w.room_of(s, t) == w.room]
+    if not there or (t == w.time and there[0]["type"] in ("murderer", "murder_weapon")):
+        return None
+    return {"family": "murder_room", "subject": there[0], "time": t}
+
+
+def _murder_time(rng: random.Random, w: World) -> Clue | None:
+    t = rng.choice([x for x in w.times if x != w.time])
+    relation = "before" if w.times.index(w.time) < w.times.index(t) else "after"
+    return {"family": "murder_time", "relation": relation, "time": t}
+
+
+# Samplers by name; the names are the keys of a difficulty's clue mix.
+SAMPLERS: dict[str, Callable[[random.Random, World], Clue | None]] = {
+    "fact": _fact,
+    "motive": _motive,
+    "described": _described,
+    "either": _either,
+    "iff": _iff,
+    "same_room": _same_room,
+    "together": _together,
+    "moved": _moved,
+    "carried": _carried,
+    "direction": _direction,
+    "murder_room": _murder_room,
+    "murder_time": _murder_time,
+}
+
+# Relative weights of the samplers at the easiest (1 player) and hardest (6 players)
+# settings; sizes in between interpolate. Harder puzzles lean on indirect clues.
+MIX_EASY = {"fact": 3, "motive": 2, "described": 2, "either": 1, "iff": 0.5, "same_room": 1,
+            "together": 1, "moved": 1, "carried": 1, "direction": 1, "murder_room": 1,
+            "murder_time": 1}  # fmt: skip
+MIX_HARD = {"fact": 0.5, "motive": 0.5, "described": 1.5, "either": 2, "iff": 2, "same_room": 1.5,
+            "together": 1.5, "moved": 1.5, "carried": 1, "direction": 1.5,
+            "murder_room": 1, "murder_time": 1}  # fmt: skip
+
+
+def clue_mix(players: int) -> dict[str, float]:
+    a = (players - 1) / 5
+    return {k: (1 - a) * MIX_EASY[k] + a * MIX_HARD[k] for k in MIX_EASY}
+
+
+def sample_clue(rng: random.Random, w: World, sampler: str) -> Clue | None:
+    """A random clue from one sampler, true in `w` by construction (None if none was found)."""
+    c = SAMPLERS[sampler](rng, w)
+    if c is None:
+        return None
+    c["text"] = clue_text(c)
+    assert holds(c, w), c  # the samplers build true statements; a false one is a bug here
+    return c
