@@ -1,0 +1,158 @@
+"""The sandbox's first process: isolates itself, then becomes ``python -I main.py``.
+
+Run by ``packrl.sandbox`` (never imported), as ``python -I -S sandbox_child.py CONFIG_JSON``
+with the program's source on stdin, inside ``unshare``'s new network, PID and mount
+namespaces when those are available. Standard library only: it runs under the sandbox's
+interpreter (``/usr/bin/python3`` when root), which need not have packrl installed.
+
+Steps, each only when the config asks for it:
+1. read the program from stdin, then point stdin at /dev/null;
+2. private file system: every mount read-only (recursively), and a fresh size-limited tmpfs
+   on /tmp as the program's own temporary directory (gone when the namespace dies);
+3. write ``main.py`` into the work directory and hand it to the sandbox user;
+4. drop to that user (root only), set resource limits, block non-Unix sockets with seccomp
+   (when libseccomp is present), and exec the interpreter.
+A step that fails exits with status 125 and a message: the program never runs half-isolated.
+"""
+
+import ctypes
+import ctypes.util
+import json
+import os
+import resource
+import sys
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x1000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+SYS_MOUNT_SETATTR = 442  # same number on every architecture (new syscall table)
+PR_SET_DUMPABLE = 4
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+def fail(step: str) -> None:
+    err = ctypes.get_errno()
+    sys.stderr.write(f"packrl sandbox: {step} failed: {os.strerror(err) if err else 'error'}\n")
+    sys.stderr.flush()
+    os._exit(125)
+
+
+def mount(source: str | None, target: str, fstype: str | None, flags: int, data: str = "") -> None:
+    enc = [None if s is None else s.encode() for s in (source, target, fstype)]
+    if libc.mount(enc[0], enc[1], enc[2], ctypes.c_ulong(flags), data.encode() or None) != 0:
+        fail(f"mount {target}")
+
+
+class MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def make_everything_read_only() -> None:
+    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+    if (
+        libc.syscall(
+            SYS_MOUNT_SETATTR,
+            AT_FDCWD,
+            b"/",
+            AT_RECURSIVE,
+            ctypes.byref(attr),
+            ctypes.sizeof(attr),
+        )
+        == 0
+    ):
+        return
+    # Kernels before 5.12: remount each mount read-only, one by one.
+    with open("/proc/self/mounts") as f:
+        targets = [line.split()[1].replace("\\040", " ") for line in f]
+    for target in targets:
+        if libc.mount(None, target.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) != 0:
+            if ctypes.get_errno() not in (2, 13):  # vanished or shadowed mounts: nothing to write
+                fail(f"read-only remount of {target}")
+
+
+def block_network_sockets() -> bool:
+    """seccomp: socket() for any family but AF_UNIX fails with EPERM. False if unavailable."""
+    path = ctypes.util.find_library("seccomp")
+    if not path:
+        return False
+    try:
+        sec = ctypes.CDLL(path)
+    except OSError:
+        return False
+
+    class ArgCmp(ctypes.Structure):
+        _fields_ = [
+            ("arg", ctypes.c_uint),
+            ("op", ctypes.c_int),
+            ("datum_a", ctypes.c_uint64),
+            ("datum_b", ctypes.c_uint64),
+        ]
+
+    scmp_act_allow, scmp_act_eperm, scmp_cmp_ne, af_unix = 0x7FFF0000, 0x00050000 | 1, 1, 1
+    sec.seccomp_init.restype = ctypes.c_void_p
+    ctx = ctypes.c_void_p(sec.seccomp_init(ctypes.c_uint32(scmp_act_allow)))
+    if not ctx:
+        fail("seccomp_init")
+    nr = sec.seccomp_syscall_resolve_name(b"socket")
+    cmp = ArgCmp(0, scmp_cmp_ne, af_unix, 0)
+    if sec.seccomp_rule_add_array(ctx, ctypes.c_uint32(scmp_act_eperm), nr, 1, ctypes.byref(cmp)):
+        fail("seccomp_rule_add")
+    if sec.seccomp_load(ctx):  # also sets no_new_privs
+        fail("seccomp_load")
+    return True
+
+
+def main() -> None:
+    cfg = json.loads(sys.argv[1])
+    code = sys.stdin.buffer.read()
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+
+    workdir = cfg["workdir"]
+    uid, gid = cfg["uid"], cfg["gid"]
+    if cfg["private_fs"]:
+        mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing leaks back to the host
+        make_everything_read_only()
+        owner = f",uid={uid},gid={gid}" if uid is not None else ""
+        mount(
+            "tmpfs",
+            workdir,
+            "tmpfs",
+            MS_NOSUID | MS_NODEV,
+            f"size={cfg['tmpfs_mb']}m,mode=0700{owner}",
+        )
+    path = os.path.join(workdir, "main.py")
+    with open(path, "wb") as f:
+        f.write(code)
+    if uid is not None:
+        os.chown(path, uid, gid)
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    # Non-dumpable: processes of the same user cannot open our /proc/<pid>/ files or ptrace us.
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    for name, value in cfg["rlimits"].items():
+        limit = int(value)
+        resource.setrlimit(getattr(resource, name), (limit, limit))
+    if cfg["seccomp"] and not block_network_sockets():
+        fail("seccomp (libseccomp not found)")
+    os.chdir(workdir)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONDONTWRITEBYTECODE": "1",
+    }
+    os.execve(sys.executable, [sys.executable, "-I", "main.py", *cfg["argv"]], env)
+
+
+if __name__ == "__main__":
+    main()
