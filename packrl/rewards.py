@@ -15,13 +15,14 @@ Heavy reward work (math-verify, code sandboxes) runs in worker processes
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,12 +55,24 @@ def func_name(fn: Callable) -> str:
     return getattr(inner, "__name__", type(inner).__name__)
 
 
-def resolve_reward_funcs(specs: Sequence[str | Callable]) -> list[RewardFn]:
-    """Turns dotted paths ("mypkg.rewards.my_reward") or callables into reward functions."""
+def resolve_reward_funcs(specs: Sequence[str | Callable | Mapping[str, Any]]) -> list[RewardFn]:
+    """Turns specs into reward functions. A spec is a callable, a dotted path
+    ("mypkg.rewards.my_reward"), or a mapping with a ``path`` and keyword arguments to bind
+    (``{"path": "packrl.tasks.shaping.soft_overlong_penalty", "max_tokens": 512}``)."""
     funcs = []
     for spec in specs:
         if callable(spec):
             funcs.append(spec)
+            continue
+        if isinstance(spec, Mapping):
+            kwargs = dict(spec)
+            path = kwargs.pop("path", None)
+            if path is None:
+                raise ValueError(
+                    f"reward function {dict(spec)!r}: a mapping needs a 'path' (dotted path "
+                    "to the function) next to the arguments it binds"
+                )
+            funcs.append(functools.partial(resolve_reward_funcs([path])[0], **kwargs))
             continue
         if not isinstance(spec, str) or "." not in spec:
             raise ValueError(
@@ -142,7 +155,7 @@ class RewardScorer:
     """Computes weighted rewards for a batch of completions; never raises for a reward's fault.
 
     Args:
-        reward_funcs: functions in TRL's convention, or dotted paths to them.
+        reward_funcs: functions in TRL's convention, or specs (see ``resolve_reward_funcs``).
         weights: one weight per function (default: all 1.0).
         max_workers: worker processes for process-based rewards (default: one per core).
         timeout_s: deadline for all functions on one batch; slower ones score 0.
@@ -150,7 +163,7 @@ class RewardScorer:
 
     def __init__(
         self,
-        reward_funcs: Sequence[str | Callable],
+        reward_funcs: Sequence[str | Callable | Mapping[str, Any]],
         weights: Sequence[float] | None = None,
         max_workers: int | None = None,
         timeout_s: float = 120.0,

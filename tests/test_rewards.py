@@ -110,3 +110,85 @@ def test_math_reward_through_scorer_by_dotted_path():
     expected = [1.0, 1.0, 0.0, 0.0] * 8
     expected[5] = 0.0
     assert scores.total.tolist() == expected
+
+
+def test_mapping_spec_binds_arguments():
+    from packrl.tasks.shaping import soft_overlong_penalty
+
+    (fn,) = resolve_reward_funcs(
+        [
+            {
+                "path": "packrl.tasks.shaping.soft_overlong_penalty",
+                "max_tokens": 10,
+                "buffer_tokens": 4,
+            }
+        ]
+    )
+    assert fn.func is soft_overlong_penalty
+    scores = RewardScorer([fn])(PROMPTS, ["a" * 6, "a" * 8, "a" * 12], {})
+    assert scores.per_func["soft_overlong_penalty"].tolist() == [0.0, -0.5, -1.0]
+    with pytest.raises(ValueError, match="needs a 'path'"):
+        resolve_reward_funcs([{"max_tokens": 10}])
+
+
+class TestShaping:
+    """Format and length shaping rewards."""
+
+    def test_think_answer_format(self):
+        from packrl.tasks.shaping import think_answer_format
+
+        good = "<think>47 + 38 = 85</think>\n<answer>85</answer>"
+        cases = {
+            good: 1.0,
+            "  " + good + "\n  ": 1.0,  # surrounding whitespace is fine
+            good + " Also, 86.": 0.0,  # trailing junk
+            good + "<answer>86</answer>": 0.0,  # a second answer
+            "<think>x</think><answer></answer>": 0.0,  # empty answer
+            "<think> </think><answer>85</answer>": 0.0,  # empty thinking
+            "<answer>85</answer>": 0.0,  # no thinking
+            "Sure! <think>x</think><answer>85</answer>": 0.0,  # leading junk
+            "<think>x<think>y</think><answer>85</answer>": 0.0,  # nested tag
+            "<think>x</think>\n<answer>85": 0.0,  # truncated
+            "": 0.0,
+        }
+        prompts = [[{"role": "user", "content": "q"}]] * len(cases)
+        assert think_answer_format(list(cases), prompts) == list(cases.values())
+
+    def test_think_opened_by_the_prompt(self):
+        from packrl.tasks.shaping import think_answer_format
+
+        opened = "47 + 38 = 85</think><answer>85</answer>"
+        reopened = "<think>47 + 38</think><answer>85</answer>"
+        prefill = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>\n"}]
+        assert think_answer_format([opened, reopened], [prefill, prefill]) == [1.0, 0.0]
+        # Templates that add <think> to the generation prompt are set explicitly.
+        plain = [[{"role": "user", "content": "q"}]] * 3
+        got = think_answer_format([opened, reopened, opened + " junk"], plain, think_in_prompt=True)
+        assert got == [1.0, 0.0, 0.0]
+        assert think_answer_format([opened], plain) == [0.0]  # not opened: must open it itself
+
+    def test_soft_overlong_penalty(self):
+        from packrl.tasks.shaping import soft_overlong_penalty
+
+        ids = [[0] * n for n in (0, 100, 768, 800, 896, 1024, 1025, 10**6)]
+        got = soft_overlong_penalty(
+            [""] * len(ids), completion_ids=ids, max_tokens=1024, buffer_tokens=256
+        )
+        assert got == [0.0, 0.0, 0.0, -0.125, -0.5, -1.0, -1.0, -1.0]  # never wraps past -1
+        with pytest.raises(ValueError, match="buffer_tokens"):
+            soft_overlong_penalty(["a"], max_tokens=10, buffer_tokens=0)
+
+    def test_group_length_penalty(self):
+        from packrl.tasks.shaping import group_length_penalty
+
+        p1 = [{"role": "user", "content": "a"}]
+        p2 = [{"role": "user", "content": "b"}]
+        completions = ["xx", "xxxx", "xxxxxx", "y", "y", "zzz"]
+        prompts = [p1, p1, p1, p2, p2, [{"role": "user", "content": "c"}]]
+        assert group_length_penalty(completions, prompts) == [-0.0, -0.5, -1.0, 0.0, 0.0, 0.0]
+        ids = [[1] * 5, [1] * 1, [1] * 3]  # token counts win over characters
+        assert group_length_penalty(["a", "b", "c"], [p1] * 3, completion_ids=ids) == [
+            -1.0,
+            -0.0,
+            -0.5,
+        ]
