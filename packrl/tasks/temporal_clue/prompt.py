@@ -44,16 +44,28 @@ def make_questions(w: World, rng: random.Random, bonus: int) -> list[Question]:
     return [{"letter": string.ascii_uppercase[i], **q} for i, q in enumerate(qs)]
 
 
+def _stated(c: Clue) -> set[tuple[str, str]]:
+    """(name, time) locations and (suspect, "motive") facts a clue states outright."""
+    f = c["family"]
+    if f == "motive":
+        return {(c["suspect"], "motive")}
+    named = [c.get("subject"), c.get("weapon")]
+    named = [s["name"] for s in named if s and s["type"] in ("suspect", "weapon")]
+    if f == "at":
+        return {(n, c["time"]) for n in named}
+    if f in ("moved", "carried"):
+        return {(n, t) for n in named for t in (c["time"], c["next_time"])}
+    return set()
+
+
 def giveaway(c: Clue, questions: list[Question]) -> bool:
-    """Whether a clue states the answer to an asked question outright."""
+    """Whether a clue states the answer to an asked bonus question outright."""
+    stated = _stated(c)
     for q in questions:
-        if c["family"] == "motive" and q["kind"] == "suspect_motive":
-            if c["suspect"] == q["suspect"]:
-                return True
-        if c["family"] == "at" and q["kind"] in ("suspect_room", "weapon_room"):
-            s = c["subject"]
-            named = q.get("suspect", q.get("weapon"))
-            if s.get("name") == named and s["type"] in ("suspect", "weapon") and c["time"] == q["time"]:  # fmt: skip
+        if q["kind"] == "suspect_motive" and (q["suspect"], "motive") in stated:
+            return True
+        if q["kind"] in ("suspect_room", "weapon_room"):
+            if (q.get("suspect", q.get("weapon")), q["time"]) in stated:
                 return True
     return False
 
