@@ -1,0 +1,525 @@
+"""GRPO on packed multi-prompt sequences, one device, full fine-tuning or LoRA.
+
+    tune run recipes/grpo.py --config tune_configs/smollm2_135m_arithmetic_full_cpu.yaml
+
+Each step:
+  1. take `prompts_per_step` rows from the task (seeded order, resumable position);
+  2. sample `group_size` completions per prompt with the sampler (KV cache, no gradients);
+  3. score them with the task's reward functions (TRL convention, weighted sum);
+  4. group-relative advantages; optionally drop groups whose rewards are all equal;
+  5. pack the groups into fixed-length rows (each prompt once per row, its completions after
+     it) and run `num_passes` optimizer passes over them, in micro-batches of rows, with the
+     clipped-surrogate loss (plus a k3 KL penalty to the reference when beta > 0);
+  6. log, evaluate on held-out rows every `eval.every_n_steps`, checkpoint every
+     `save_every_n_steps` and at the end.
+Full fine-tuning or LoRA follows from the model component: a LoRA builder trains adapters only.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torchtune import config, modules, training, utils
+from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from tqdm.auto import tqdm
+
+from packrl.advantages import group_advantages, uniform_groups
+from packrl.attention import packed_block_mask, use_packed_attention
+from packrl.checkpointing import load_checkpoint, save_checkpoint
+from packrl.config_schema import validate_config
+from packrl.logprobs import packed_logprobs
+from packrl.loss import LossStats, completion_loss_weights, grpo_loss
+from packrl.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
+from packrl.packing import GroupRollout, PackedBatch, pack_groups
+from packrl.reference import reference_for
+from packrl.rewards import RewardScorer, func_name
+
+log = utils.get_logger("INFO")
+
+
+class GRPORecipe:
+    """GRPO recipe: `setup`, `train`, `save_checkpoint`, `cleanup` (torchtune style)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        validate_config(cfg)  # every key known and typed, before anything heavy is built
+        self.cfg = cfg
+        self.device = utils.get_device(cfg.device)
+        self.dtype = training.get_dtype(cfg.dtype, device=self.device)
+        self.output_dir = Path(cfg.output_dir)
+        self.seed = training.set_seed(cfg.seed)
+        self.max_steps = cfg.max_steps
+        g = cfg.grpo
+        self.prompts_per_step = g.prompts_per_step
+        self.group_size = g.group_size
+        self.max_new_tokens = g.max_new_tokens
+        self.temperature = g.get("temperature", 1.0)
+        self.beta = g.get("beta", 0.0)
+        self.num_passes = g.get("num_passes", 1)
+        self.loss_type = g.get("loss_type", "grpo")
+        self.row_len = cfg.packing.row_len
+        self.tokens_per_micro_batch = cfg.packing.get("tokens_per_micro_batch", self.row_len)
+        self.step = 0  # optimizer steps taken == rollout steps done
+        self.data_position = 0  # training rows consumed so far
+
+    # ----------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = config.instantiate(cfg.tokenizer)
+        self.model, self.is_lora = self._setup_model()
+        self.task = config.instantiate(cfg.task)
+        self.scorer = self._setup_scorer()
+        self.sampler = config.instantiate(
+            cfg.sampler,
+            self.model,
+            stop_token_ids=list(self.tokenizer.stop_token_ids),
+            pad_id=self.tokenizer.pad_id,
+        )
+        self.reference = reference_for(
+            self.model,
+            lora=self.is_lora,
+            beta=self.beta,
+            offload_to_cpu=cfg.grpo.get("reference_on_cpu", False),
+        )
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = config.instantiate(cfg.optimizer, trainable)
+        self.lr_scheduler = config.instantiate(
+            cfg.get("lr_scheduler"),
+            self.optimizer,
+            num_training_steps=self.max_steps * self.num_passes,
+        )
+        if cfg.get("resume_from_checkpoint", False):
+            self._resume()
+        self.metric_logger = config.instantiate(cfg.metric_logger)
+        self.metric_logger.log_config(cfg)
+        self.metrics_file = JsonlWriter(self.output_dir / "metrics.jsonl")
+        self.samples_file = JsonlWriter(self.output_dir / "completions.jsonl")
+        self.activations_ctx = self._activation_offloading()
+        log.info(
+            f"GRPO: {'LoRA' if self.is_lora else 'full'} fine-tuning of "
+            f"{sum(p.numel() for p in trainable) / 1e6:.1f}M parameters on {self.device} "
+            f"({cfg.dtype}), task {self.task.name!r} ({len(self.task.train)} train / "
+            f"{len(self.task.eval)} eval rows), reference: "
+            f"{'none (beta = 0)' if self.reference is None else type(self.reference).__name__}"
+        )
+
+    def _setup_model(self) -> tuple[torch.nn.Module, bool]:
+        cfg = self.cfg
+        with training.set_default_dtype(self.dtype), self.device:
+            model = config.instantiate(cfg.model)
+        checkpointer = config.instantiate(cfg.checkpointer)
+        state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        not_adapter = [k for k in missing if "lora_" not in k and "magnitude" not in k]
+        if not_adapter or unexpected:
+            raise RuntimeError(
+                f"checkpointer weights do not fit the model component: missing "
+                f"{not_adapter[:5]}, unexpected {unexpected[:5]}; check checkpointer.model_type "
+                f"and model._component_"
+            )
+        for m in model.modules():  # DoRA magnitudes are norms of the loaded base weights
+            if hasattr(m, "initialize_dora_magnitude"):
+                m.initialize_dora_magnitude()
+        adapter_params = get_adapter_params(model)
+        is_lora = len(adapter_params) > 0
+        if is_lora:
+            set_trainable_params(model, adapter_params)
+        if cfg.get("enable_activation_checkpointing", False):
+            training.set_activation_checkpointing(
+                model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
+            )
+        use_packed_attention(model)
+        return model, is_lora
+
+    def _setup_scorer(self) -> RewardScorer:
+        """The task's reward functions and weights, unless the config names its own."""
+        section = self.cfg.rewards
+        defaults = {}
+        if section.get("reward_funcs") is None:
+            defaults["reward_funcs"] = list(self.task.reward_funcs)
+            if section.get("weights") is None:
+                defaults["weights"] = list(self.task.reward_weights)
+        scorer = config.instantiate(section, **defaults)
+        # Accuracy is the task's accuracy function; score it apart only if it is not a reward.
+        acc = self.task.accuracy_func
+        self.accuracy_name = None if acc is None else func_name(acc)
+        self.accuracy_scorer = None
+        if acc is not None and self.accuracy_name not in scorer.names:
+            self.accuracy_scorer = RewardScorer([acc])
+        return scorer
+
+    def _activation_offloading(self):
+        enabled = self.cfg.get("enable_activation_offloading", False)
+        if enabled and self.device.type != "cuda":
+            warnings.warn(
+                "enable_activation_offloading: true is ignored on "
+                f"{self.device.type}: offloading moves activations from GPU to CPU memory, "
+                "and here they already live in CPU memory. Set it to false to silence this.",
+                stacklevel=2,
+            )
+            enabled = False
+        return training.get_act_offloading_ctx_manager(self.model, enabled)
+
+    # ------------------------------------------------------------------------------ data
+    def next_rows(self, n: int) -> list[dict[str, Any]]:
+        """The next `n` training rows: a fresh seeded permutation of the task per epoch, so the
+        order depends only on (seed, position) and resuming continues it exactly."""
+        rows = []
+        num = len(self.task.train)
+        for pos in range(self.data_position, self.data_position + n):
+            epoch, i = divmod(pos, num)
+            perm = torch.randperm(num, generator=torch.Generator().manual_seed(self.seed + epoch))
+            rows.append(self.task.train[int(perm[i])])
+        self.data_position += n
+        return rows
+
+    def prompt_ids(self, rows: list[dict[str, Any]]) -> list[list[int]]:
+        return [
+            self.tokenizer.tokenize_messages(r["messages"], add_generation_prompt=True)
+            for r in rows
+        ]
+
+    def score(self, rows, completions, scorer: RewardScorer | None = None):
+        """Decode [P][G] completions and score them: (texts [N], RewardScores, accuracy [N])."""
+        texts = [self.tokenizer.decode(c.token_ids) for group in completions for c in group]
+        per = [len(group) for group in completions]
+        flat_rows = [r for r, k in zip(rows, per, strict=True) for _ in range(k)]
+        prompts = [r["messages"] for r in flat_rows]
+        columns = {k: [r[k] for r in flat_rows] for k in flat_rows[0] if k != "messages"}
+        scores = (scorer or self.scorer)(prompts, texts, columns)
+        if self.accuracy_name is None:
+            accuracy = torch.full((len(texts),), float("nan"))
+        elif self.accuracy_name in scores.per_func:
+            accuracy = scores.per_func[self.accuracy_name]
+        else:
+            accuracy = self.accuracy_scorer(prompts, texts, columns).total
+        return texts, scores, accuracy
+
+    # ----------------------------------------------------------------------------- train
+    def train(self) -> None:
+        eval_cfg = self.cfg.get("eval", {})
+        every = eval_cfg.get("every_n_steps")
+        save_every = self.cfg.get("save_every_n_steps")
+        if self.step == 0 and eval_cfg.get("at_start", False):
+            self._log(self.evaluate(), self.step)
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="GRPO", unit="step")
+        while self.step < self.max_steps:
+            metrics = self.train_step()
+            self.step += 1
+            if every and (self.step % every == 0 or self.step == self.max_steps):
+                metrics.update(self.evaluate())
+            self._log(metrics, self.step)
+            bar.update(1)
+            bar.set_postfix(
+                reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}"
+            )
+            if self.step == self.max_steps:
+                self.save_checkpoint(final=True)
+            elif save_every and self.step % save_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def train_step(self) -> dict[str, float]:
+        """One GRPO step: rollout, score, advantages, pack, update. Returns its metrics."""
+        g = self.cfg.grpo
+        P, G = self.prompts_per_step, self.group_size
+        t0 = time.perf_counter()
+
+        # 1-2. prompts and rollouts. The sampling seed depends only on (seed, step): resumable.
+        rows = self.next_rows(P)
+        prompts = self.prompt_ids(rows)
+        completions = self.sampler.generate(
+            prompts,
+            num_samples=G,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=g.get("top_p", 1.0),
+            top_k=g.get("top_k"),
+            seed=self.seed * 100_003 + self.step,
+        )
+        t_gen = time.perf_counter()
+
+        # 3. rewards [P, G]
+        texts, scores, accuracy = self.score(rows, completions)
+        rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(P, G)
+        t_score = time.perf_counter()
+
+        # 4. advantages [P, G]; uniform groups carry no policy gradient
+        advantages = group_advantages(rewards, scale_by_std=g.get("scale_advantages_by_std", True))
+        keep = torch.ones(P, dtype=torch.bool)
+        if g.get("drop_uniform_groups", False):
+            keep = ~uniform_groups(rewards)
+        kept = [p for p in range(P) if keep[p]]
+
+        # 5. pack and update
+        stats, train_metrics = None, {}
+        if kept:
+            lengths = [len(c.token_ids) for p in kept for c in completions[p]]
+            weights = completion_loss_weights(lengths, self.loss_type, self.max_new_tokens)
+            groups = []
+            for i, p in enumerate(kept):
+                w = weights[i * G : (i + 1) * G]
+                groups.append(
+                    GroupRollout(
+                        prompt_ids=prompts[p],
+                        completion_ids=[c.token_ids for c in completions[p]],
+                        behaviour_logprobs=[c.logprobs for c in completions[p]],
+                        advantages=advantages[p].tolist(),
+                        loss_weights=w,
+                    )
+                )
+            batch = pack_groups(
+                groups,
+                row_len=self.row_len,
+                truncate=self.cfg.packing.get("truncate", False),
+                pad_id=self.tokenizer.pad_id,
+            )
+            stats, train_metrics = self.update(batch)
+        t_train = time.perf_counter()
+
+        # 6. metrics
+        lengths_all = [len(c.token_ids) for group in completions for c in group]
+        finished = [c.finished for group in completions for c in group]
+        metrics = self._reward_metrics(scores)
+        metrics["accuracy"] = float(accuracy.mean())
+        len_mean, _ = mean_std(lengths_all)
+        metrics.update(
+            {
+                "groups_kept": float(len(kept)),
+                "completion_len/mean": len_mean,
+                "completion_len/min": float(min(lengths_all)),
+                "completion_len/max": float(max(lengths_all)),
+                "truncated_frac": 1.0 - sum(finished) / len(finished),
+                "time/generation_s": t_gen - t0,
+                "time/scoring_s": t_score - t_gen,
+                "time/training_s": t_train - t_score,
+                "time/step_s": t_train - t0,
+                "tokens_per_s/generation": sum(lengths_all) / max(t_gen - t0, 1e-9),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+        )
+        if stats is not None:
+            metrics.update({f"loss/{k}": v for k, v in stats.means().items()})
+        metrics.update(train_metrics)
+        metrics.update(peak_memory(self.device))
+        self._log_completions(rows, completions, texts, scores)
+        return metrics
+
+    def update(self, batch: PackedBatch) -> tuple[LossStats, dict[str, float]]:
+        """`num_passes` optimizer steps over a packed batch, in micro-batches of rows.
+
+        The loss is a weighted sum whose weights already hold the aggregation, so summing the
+        micro-batch gradients gives exactly the full-batch gradient.
+        """
+        self.model.train()
+        rows_per_mb = max(1, self.tokens_per_micro_batch // self.row_len)
+        num_rows = batch.tokens.shape[0]
+        micro_batches = [
+            list(range(i, min(i + rows_per_mb, num_rows))) for i in range(0, num_rows, rows_per_mb)
+        ]
+        chunk = self.cfg.packing.get("logprob_chunk_size", 1024)
+        clip = self.cfg.get("clip_grad_norm")
+        g = self.cfg.grpo
+        t_ref = t_policy = 0.0
+        trained_tokens = 0
+        entropy_sum = 0.0
+        grad_norm = float("nan")
+        for _ in range(self.num_passes):
+            stats = None
+            for idx in micro_batches:
+                mb = batch.select_rows(idx).to(self.device)
+                mask = packed_block_mask(mb.group_ids, mb.parent_ids)  # policy and reference
+                t = time.perf_counter()
+                ref = None
+                if self.reference is not None:  # same packed batch and mask as the policy
+                    ref, _ = self.reference.logprobs(
+                        lambda m, mb=mb, mask=mask: packed_logprobs(
+                            m, mb, mask=mask, temperature=self.temperature, chunk_size=chunk
+                        )
+                    )
+                t_ref += time.perf_counter() - t
+                t = time.perf_counter()
+                with self.activations_ctx:
+                    logprobs, entropy = packed_logprobs(
+                        self.model,
+                        mb,
+                        mask=mask,
+                        temperature=self.temperature,
+                        chunk_size=chunk,
+                        with_entropy=True,
+                    )
+                loss, mb_stats = grpo_loss(
+                    logprobs,
+                    mb.behaviour_logprobs,
+                    mb.advantages,
+                    mb.loss_weights,
+                    mb.trained,
+                    ref,
+                    epsilon_low=g.get("epsilon_low", 0.2),
+                    epsilon_high=g.get("epsilon_high", 0.2),
+                    beta=self.beta,
+                )
+                loss.backward()
+                t_policy += time.perf_counter() - t
+                stats = mb_stats if stats is None else stats + mb_stats
+                if entropy is not None:
+                    entropy_sum += float(entropy.detach()[mb.trained].sum())
+                trained_tokens += int(mb.trained.sum())
+            if clip is not None:
+                grad_norm = float(
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in self.model.parameters() if p.requires_grad], clip
+                    )
+                )
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+        return stats, {
+            "entropy": entropy_sum / max(trained_tokens, 1),
+            "grad_norm": grad_norm,
+            "time/reference_s": t_ref,
+            "time/policy_s": t_policy,
+            "tokens_per_s/training": trained_tokens / max(t_policy, 1e-9),
+            "packing/rows": float(batch.stats.rows),
+            "packing/positions": float(batch.stats.positions),
+            "packing/padded_positions": float(batch.stats.padded_positions),
+            "packing/saved_fraction": batch.stats.saved_fraction,
+        }
+
+    # ------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(
+        self, temperature: float | None = None, num_samples: int | None = None
+    ) -> dict[str, float]:
+        """Accuracy on the task's held-out rows at fixed sampling settings (default: greedy).
+
+        Uses a fixed seed, so two evaluations of the same weights give the same numbers."""
+        e = self.cfg.get("eval", {})
+        temperature = e.get("temperature", 0.0) if temperature is None else temperature
+        num_samples = e.get("num_samples", 1) if num_samples is None else num_samples
+        rows = list(self.task.eval)
+        if e.get("num_rows") is not None:
+            rows = rows[: e.num_rows]
+        if not rows:
+            return {}
+        completions = self.sampler.generate(
+            self.prompt_ids(rows),
+            num_samples=num_samples,
+            max_new_tokens=e.get("max_new_tokens") or self.max_new_tokens,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=None,
+            seed=self.seed,
+        )
+        _, scores, accuracy = self.score(rows, completions)
+        suffix = "" if temperature == 0 else "_sampled"
+        return {
+            f"eval/accuracy{suffix}": float(accuracy.mean()),
+            f"eval/reward{suffix}": float(scores.total.mean()),
+        }
+
+    # --------------------------------------------------------------------------- logging
+    def _reward_metrics(self, scores) -> dict[str, float]:
+        out = {"reward/mean": float(scores.total.mean()), "reward/std": _std(scores.total)}
+        for name, values in scores.per_func.items():
+            out[f"reward/{name}/mean"] = float(values.mean())
+            out[f"reward/{name}/std"] = _std(values)
+        for name, n in scores.failures.items():
+            out[f"reward/{name}/failures"] = float(n)
+        return out
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        if not metrics:
+            return
+        self.metric_logger.log_dict(metrics, step=step)
+        self.metrics_file.write({"step": step, **metrics})
+
+    def _log_completions(self, rows, completions, texts, scores) -> None:
+        """Append the first `log_num_completions` completions of this step to completions.jsonl."""
+        n = self.cfg.get("log_num_completions", 4)
+        G = self.group_size
+        for i in range(min(n, len(texts))):
+            p = i // G
+            self.samples_file.write(
+                {
+                    "step": self.step,
+                    "prompt": rows[p]["messages"][-1]["content"],
+                    "completion": texts[i],
+                    "reward": float(scores.total[i]),
+                    "rewards": {k: float(v[i]) for k, v in scores.per_func.items()},
+                    "finished": completions[p][i % G].finished,
+                }
+            )
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, final: bool = False) -> Path:
+        """Write `output_dir/checkpoints/step_N` atomically: HF safetensors (LoRA: PEFT
+        adapters, plus the merged model at the end of the run), optimizer, LR schedule, RNG
+        and data position, so that `resume_from_checkpoint: true` continues exactly."""
+        self.last_checkpoint = save_checkpoint(
+            self.output_dir / "checkpoints",
+            self.step,
+            model=self.model,
+            source_checkpoint_dir=self.cfg.checkpointer.checkpoint_dir,
+            model_type=self.cfg.checkpointer.get("model_type"),
+            adapter_only=self.is_lora and not final,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+            data_state={"data_position": self.data_position},
+            keep_last=self.cfg.get("keep_last_checkpoints"),
+        )
+        return self.last_checkpoint
+
+    def _resume(self) -> None:
+        """Load the latest checkpoint of `output_dir` into the model (which holds the source
+        weights), optimizer and scheduler; restore RNG, step and data position."""
+        state = load_checkpoint(
+            self.output_dir / "checkpoints",
+            model=self.model,
+            optimizer=self.optimizer,
+            lr_scheduler=self.lr_scheduler,
+        )
+        self.step = state["step"]
+        self.data_position = int(state["data_state"]["data_position"])
+        log.info(f"resumed from {state['path']} at step {self.step}")
+
+    def cleanup(self) -> None:
+        self.metric_logger.close()
+        self.metrics_file.close()
+        self.samples_file.close()
+        plot = None
+        if self.cfg.get("plot", True):
+            plot = plot_metrics(
+                read_metrics(self.metrics_file.path),
+                self.output_dir / "reward.png",
+                title=f"GRPO on {self.task.name}",
+            )
+        print(f"checkpoint: {getattr(self, 'last_checkpoint', None)}", flush=True)
+        print(f"logs:       {self.metrics_file.path} (completions: {self.samples_file.path})")
+        if plot is not None:
+            print(f"plot:       {plot}", flush=True)
+
+
+def _std(x: torch.Tensor) -> float:
+    return float(x.std(unbiased=False)) if x.numel() else 0.0
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> None:
+    """GRPO fine-tuning on packed multi-prompt sequences (see the module docstring)."""
+    config.log_config(recipe_name="GRPORecipe", cfg=cfg)
+    recipe = GRPORecipe(cfg)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
