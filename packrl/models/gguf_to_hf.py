@@ -43,10 +43,12 @@ _PRE_TOKENIZERS = {
 _TOKEN_TYPE_CONTROL = 3
 
 
-def _field(reader: gguf.GGUFReader, key: str):
-    if key not in reader.fields:
+def _field(reader: gguf.GGUFReader, key: str, default=KeyError):
+    if key in reader.fields:
+        return reader.fields[key].contents()
+    if default is KeyError:
         raise KeyError(f"GGUF file has no metadata field {key!r}")
-    return reader.fields[key].contents()
+    return default
 
 
 def hf_name(gguf_name: str) -> str:
@@ -113,12 +115,8 @@ def hf_config(reader: gguf.GGUFReader) -> dict:
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv")),
         "max_position_embeddings": int(_field(reader, "llama.context_length")),
-        # GGUF stores float32; round-trip through float32 to drop the float noise (1e-5 not 9.99e-6).
-        "rms_norm_eps": float(
-            np.format_float_positional(
-                np.float32(_field(reader, "llama.attention.layer_norm_rms_epsilon")), trim="-"
-            )
-        ),
+        # GGUF stores float32: 6 significant digits give back 1e-5 rather than 9.9999997e-6.
+        "rms_norm_eps": float(f"{_field(reader, 'llama.attention.layer_norm_rms_epsilon'):.6g}"),
         "rope_theta": float(_field(reader, "llama.rope.freq_base")),
         "rope_scaling": None,
         "tie_word_embeddings": tied,
@@ -165,9 +163,8 @@ def tokenizer_config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> dict:
     """tokenizer_config.json: special tokens and the GGUF's own chat template."""
 
     def token(key: str) -> str | None:
-        if key not in reader.fields:
-            return None
-        return tokenizer.id_to_token(int(_field(reader, key)))
+        token_id = _field(reader, key, None)
+        return None if token_id is None else tokenizer.id_to_token(int(token_id))
 
     added = {
         str(i): {
@@ -182,10 +179,7 @@ def tokenizer_config(reader: gguf.GGUFReader, tokenizer: Tokenizer) -> dict:
     }
     return {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": bool(
-            reader.fields.get("tokenizer.ggml.add_bos_token")
-            and _field(reader, "tokenizer.ggml.add_bos_token")
-        ),
+        "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
         "add_prefix_space": False,
         "clean_up_tokenization_spaces": False,
         "model_max_length": int(_field(reader, "llama.context_length")),

@@ -155,6 +155,8 @@ def ensure_smollm2_checkpoint(out_dir: str | Path | None = None, force: bool = F
         tmp.chmod(0o755)
         for f in tmp.iterdir():
             f.chmod(0o644)
+        if not force and _is_current(out_dir, record):
+            return out_dir  # another process finished first; its copy is as good as ours
         if out_dir.exists():
             # Move the old directory aside first: rename cannot replace a non-empty directory.
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
