@@ -145,8 +145,13 @@ class ChatTokenizer:
                     raise ValueError(
                         f"messages[{i}][{key!r}] must be a string, got {message.get(key)!r}"
                     )
+        # tools/documents are None, as transformers passes them (templates test `is none`).
         return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **self.special_tokens
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=None,
+            documents=None,
+            **self.special_tokens,
         )
 
     def tokenize_messages(
