@@ -239,3 +239,27 @@ def test_bad_constructor_arguments(tiny):
         NativeSampler(tiny, stop_token_ids=[1], pad_id=PAD, max_batch_size=0)
     with pytest.raises(TypeError, match="model"):
         NativeSampler(torch.nn.Linear(2, 2), stop_token_ids=[1], pad_id=PAD)
+
+
+def test_smollm2_greedy_paris_and_batched_logprobs(smollm2_model, smollm2_tokenizer):
+    """The real model: a right answer, and sampled logprobs that match a full forward."""
+    tok = smollm2_tokenizer
+    sampler = NativeSampler(smollm2_model, stop_token_ids=tok.stop_token_ids, pad_id=tok.pad_id)
+    france = tok.tokenize_messages([{"role": "user", "content": "What is the capital of France?"}])
+    (answer,) = sampler.generate([france], max_new_tokens=24, temperature=0)[0]
+    assert "Paris" in tok.decode(answer.token_ids)
+    assert answer.finished and answer.token_ids[-1] in tok.stop_token_ids
+
+    # Batched with a longer prompt (so France is left-padded) and sampled.
+    longer = tok.tokenize_messages(
+        [{"role": "user", "content": "Add 17 and 25, then explain each step of the sum."}]
+    )
+    assert len(longer) > len(france)
+    out = sampler.generate(
+        [france, longer], num_samples=2, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=0
+    )
+    for prompt, samples in zip([france, longer], out, strict=True):
+        for c in samples:
+            ref = full_logprobs(smollm2_model, prompt, c.token_ids, temperature=0.8)
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=LOGPROB_ATOL, rtol=0)
+    assert not smollm2_model.caches_are_setup()
