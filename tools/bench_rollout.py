@@ -3,11 +3,11 @@
     python tools/bench_rollout.py --json outputs/bench_rollout.json
 
 Generates 4 short arithmetic chat prompts (~60 tokens) x 8 samples x 64 new tokens (the GRPO
-CPU demo's rollout) with the native sampler at max_batch_size 1, 8 and 32 (each timed on its first
-``--chunks`` chunks), and all 32 sequences with torchtune's own ``generate`` (KV cache, left padding, one row per sequence,
-returns full logits) as an outside baseline. Variants run interleaved, ``--repeats`` times;
-the JSON holds per-variant medians of generated tokens per second (stop tokens included, as
-in training) and the ratios to batch 1.
+CPU demo's rollout) with the native sampler at max_batch_size 1, 8 and 32 (each timed on its
+first ``--chunks`` chunks), and all 32 sequences with torchtune's own ``generate`` (KV cache,
+left padding, one row per sequence, returns full logits) as an outside baseline. Variants run
+interleaved, ``--repeats`` times; the JSON holds per-variant medians of generated tokens per
+second (stop tokens included, as in training) and the ratios to batch 1.
 """
 
 import argparse
