@@ -241,6 +241,7 @@ def test_bad_constructor_arguments(tiny):
         NativeSampler(torch.nn.Linear(2, 2), stop_token_ids=[1], pad_id=PAD)
 
 
+@pytest.mark.slow  # ~10 s quiet, minutes on a loaded machine
 def test_smollm2_greedy_paris_and_batched_logprobs(smollm2_model, smollm2_tokenizer):
     """The real model: a right answer, and sampled logprobs that match a full forward."""
     tok = smollm2_tokenizer
