@@ -187,8 +187,12 @@ def _all_reduce_worker(rank: int, init_file: str, results) -> None:
 def test_stats_all_reduce_across_two_ranks(tmp_path):
     import torch.multiprocessing as mp
 
-    results = mp.Manager().dict()
-    mp.spawn(_all_reduce_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    # fork: the workers need no fresh interpreter (spawn would re-import torch twice)
+    ctx = mp.get_context("fork")
+    results = ctx.Manager().dict()
+    mp.start_processes(
+        _all_reduce_worker, args=(str(tmp_path / "init"), results), nprocs=2, start_method="fork"
+    )
     (local0, reduced0), (local1, reduced1) = results[0], results[1]
     expected = (local0 + local1).means()
     assert reduced0.means() == pytest.approx(expected) and reduced1.means() == pytest.approx(
