@@ -438,3 +438,74 @@ def test_smollm2_checkpoint_round_trips_through_torchtune(smollm2_dir, smollm2_m
     expected = smollm2_model.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_qwen2_uses_its_own_conversion(tmp_path):
+    """QWEN2 (biases on q/k/v, tied embeddings) goes through torchtune's qwen2 converters:
+    the saved dir reloads bitwise through FullModelHFCheckpointer(model_type="QWEN2"), and a
+    LoRA run resumes its adapters exactly."""
+    from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
+    from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
+
+    dims = dict(
+        vocab_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        embed_dim=32,
+        intermediate_dim=64,
+        max_seq_len=64,
+        tie_word_embeddings=True,
+    )
+    config = {
+        **HF_CONFIG,
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "rope_theta": 1e6,
+    }
+    del config["head_dim"]
+    src = tmp_path / "qwen_src"
+    src.mkdir()
+    torch.manual_seed(0)
+    model = qwen2(**dims)
+    assert any(k.endswith("q_proj.bias") for k in model.state_dict())
+    heads = dict(num_heads=4, num_kv_heads=2, dim=32, tie_word_embeddings=True)
+    hf = qwen2_tune_to_hf(model.state_dict(), **heads)
+    save_file({k: v.contiguous() for k, v in hf.items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps(config))
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    step_dir = save_checkpoint(tmp_path / "out", 1, model=model, source_checkpoint_dir=src)
+    meta = json.loads((step_dir / "packrl_checkpoint.json").read_text())
+    assert meta["model_type"] == "QWEN2"  # inferred from config.json
+    ckpt = FullModelHFCheckpointer(
+        checkpoint_dir=str(step_dir),
+        checkpoint_files=["model.safetensors"],
+        model_type="QWEN2",
+        output_dir=str(tmp_path / "tt_out"),
+    )
+    loaded = ckpt.load_checkpoint()["model"]
+    assert loaded.keys() == model.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
+    fresh = qwen2(**dims)
+    load_checkpoint(step_dir, model=fresh)
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+
+    lora = lora_qwen2(["q_proj", "v_proj"], lora_rank=2, lora_alpha=4.0, **dims)
+    lora.load_state_dict(fresh.state_dict(), strict=False)
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_b" in n:
+                p.normal_()
+    step_dir = save_checkpoint(tmp_path / "out", 2, model=lora, source_checkpoint_dir=src)
+    peft_cfg = json.loads((step_dir / "adapter_config.json").read_text())
+    assert sorted(peft_cfg["target_modules"]) == ["q_proj", "v_proj"] and peft_cfg["r"] == 2
+    again = lora_qwen2(["q_proj", "v_proj"], lora_rank=2, lora_alpha=4.0, **dims)
+    again.load_state_dict(fresh.state_dict(), strict=False)
+    load_checkpoint(tmp_path / "out", model=again)
+    for (n, a), b in zip(lora.state_dict().items(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
