@@ -447,7 +447,10 @@ def save_checkpoint(
         raise ValueError("out_dir must not be the source checkpoint dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by a crashed save
-        shutil.rmtree(stale, ignore_errors=True)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
     target = out_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=out_dir))

@@ -357,7 +357,8 @@ def test_killed_mid_save_keeps_previous_checkpoint(source_dir, tmp_path):
     assert leftovers and (out / leftovers[0] / "model.safetensors").is_file()  # it was mid-save
     assert latest_checkpoint(out) == out / "step_1"
     assert load_checkpoint(out, model=tiny(seed=4))["step"] == 1
-    # the next save cleans up the debris
+    # the next save cleans up the debris (also a half-written pointer file)
+    (out / ".tmp-step_latest").write_text("step_")
     save_checkpoint(out, 3, model=tiny(), source_checkpoint_dir=source_dir, keep_last=1)
     assert sorted(p.name for p in out.iterdir()) == ["latest", "step_3"]
 
