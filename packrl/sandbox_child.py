@@ -10,7 +10,8 @@ Steps, each only when the config asks for it:
 2. private file system: every mount read-only (recursively), and a fresh size-limited tmpfs
    on /tmp as the program's own temporary directory (gone when the namespace dies);
 3. write ``main.py`` into the work directory and hand it to the sandbox user;
-4. drop to that user (root only), set resource limits, block non-Unix sockets with seccomp
+4. empty the capability bounding set (so even namespace root gets no capabilities at exec),
+   drop to that user (root only), set resource limits, block non-Unix sockets with seccomp
    (when libseccomp is present), and exec the interpreter.
 A step that fails exits with status 125 and a message: the program never runs half-isolated.
 """
@@ -26,7 +27,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x100
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 SYS_MOUNT_SETATTR = 442  # same number on every architecture (new syscall table)
-PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -131,13 +132,18 @@ def main() -> None:
     path = os.path.join(workdir, "main.py")
     with open(path, "wb") as f:
         f.write(code)
+    # An empty capability bounding set: the program gets no capability even as (namespace)
+    # root, so it cannot undo the read-only mounts or the limits. Not being root, there is
+    # nothing to drop (and no right to drop it).
+    if os.geteuid() == 0:
+        for cap in range(64):
+            if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
+                fail(f"dropping capability {cap}")  # 22 (EINVAL): no such capability
     if uid is not None:
         os.chown(path, uid, gid)
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-    # Non-dumpable: processes of the same user cannot open our /proc/<pid>/ files or ptrace us.
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     for name, value in cfg["rlimits"].items():
         limit = int(value)
         resource.setrlimit(getattr(resource, name), (limit, limit))

@@ -192,3 +192,23 @@ class TestShaping:
             -0.0,
             -0.5,
         ]
+
+
+def test_deadline_pool_kills_calls_stuck_in_c():
+    from packrl.workers import DeadlinePool
+
+    # sum(range(n)) is one C loop: no signal handler (so no alarm) runs until it ends.
+    # Builtins keep the workers' imports trivial (a test module would import torch there).
+    pool = DeadlinePool(num_workers=2, memory_mb=None)
+    try:
+        start = time.monotonic()
+        results = pool.map(sum, [(range(10**13),), (range(10),), (range(100),)], timeout_s=1.0)
+        assert time.monotonic() - start < 1.0 + 5.0
+        assert [r.ok for r in results] == [False, True, True]
+        assert results[0].error == "timeout" and results[1].value == 45 and results[2].value == 4950
+        again = pool.map(sum, [(range(10),)], timeout_s=5.0)  # the replaced worker works
+        assert again[0].value == 45
+        err = pool.map(sum, [("x",)], timeout_s=5.0)[0]
+        assert not err.ok and err.error.startswith("TypeError")
+    finally:
+        pool.close()

@@ -231,3 +231,15 @@ def test_sleep_past_deadline_and_lingering_children():
     assert res.timed_out
     assert time.monotonic() - start < 1 + SLACK_S
     assert_clean_after()
+
+
+def test_program_has_no_capabilities_to_undo_isolation():
+    res = run_python(
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "MS_REMOUNT, MS_BIND = 0x20, 0x1000\n"
+        "print(libc.mount(None, b'/', None, ctypes.c_ulong(MS_REMOUNT | MS_BIND), None))\n"
+        "print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n"
+    )
+    assert res.ok, res
+    assert res.stdout.split() == ["-1", "0000000000000000"]
