@@ -247,6 +247,7 @@ def test_asked_answers_are_unique(puzzles):
         assert answers_unique(rec, rec["clues"]), rec["id"]
 
 
+@pytest.mark.slow
 def test_every_clue_is_needed(puzzles):
     """Removing any one clue makes the checker find a second answer (so it would fail)."""
     for rec in puzzles[:6] + puzzles[-2:]:

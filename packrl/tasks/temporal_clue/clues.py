@@ -157,11 +157,11 @@ def _subject(rng: random.Random, w: World, people: bool = True, things: bool = T
     return rng.choice(named if rng.random() < 0.6 else described)
 
 
-def _pair(rng: random.Random, w: World, people2: bool = True) -> tuple[Subject, Subject]:
+def _pair(rng: random.Random, w: World) -> tuple[Subject, Subject]:
     """Two random subjects that refer to different suspects/weapons."""
     while True:
         s1 = _subject(rng, w, things=rng.random() < 0.3)
-        s2 = _subject(rng, w, people=people2)
+        s2 = _subject(rng, w)
         if _entity(s1, w) != _entity(s2, w):
             return s1, s2
 

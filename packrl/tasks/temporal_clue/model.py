@@ -48,7 +48,8 @@ class PuzzleModel:
     def __init__(self, world: World):
         self.world = w = world
         m = self.m = cp_model.CpModel()
-        S, W, R, T, M = range(len(w.suspects)), range(len(w.weapons)), range(len(w.rooms)), range(len(w.times)), range(len(w.motives))  # fmt: skip
+        S, W, R = range(len(w.suspects)), range(len(w.weapons)), range(len(w.rooms))
+        T, M = range(len(w.times)), range(len(w.motives))
         self.si = {n: i for i, n in enumerate(w.suspects)}
         self.wi = {n: i for i, n in enumerate(w.weapons)}
         self.ri = {n: i for i, n in enumerate(w.rooms)}
@@ -65,7 +66,8 @@ class PuzzleModel:
         self.wloc = bools("wloc", len(W), len(T), len(R))
         self.mot = bools("mot", len(S), len(M))
         self.who, self.what = bools("who", len(S)), bools("what", len(W))
-        self.where, self.when, self.why = bools("where", len(R)), bools("when", len(T)), bools("why", len(M))  # fmt: skip
+        self.where, self.when = bools("where", len(R)), bools("when", len(T))
+        self.why = bools("why", len(M))
 
         # Everyone and everything is in exactly one room, and moves at most one step.
         for grid in (self.loc, self.wloc):
@@ -188,8 +190,8 @@ class PuzzleModel:
                 m.AddBoolOr([self.where[r].Not(), self.at(c["subject"], t, r)]).OnlyEnforceIf(e)
         elif f == "murder_time":
             t = self.ti[c["time"]]
-            later = range(t, len(self.when)) if c["relation"] == "before" else range(t + 1)
-            for u in later:
+            ruled_out = range(t, len(self.when)) if c["relation"] == "before" else range(t + 1)
+            for u in ruled_out:
                 m.AddImplication(e, self.when[u].Not())
         else:
             raise ValueError(f"unknown clue family {f!r}")
