@@ -42,6 +42,19 @@ def test_a_hanging_test_fails_alone():
     assert run_tests(solution, ADD_TESTS, test_timeout_s=1.0) == [True, False, True]
 
 
+def test_stop_on_fail_for_all_or_nothing():
+    solution = "def add(a, b):\n    return a + b if a > 0 else 7\n"
+    assert run_tests(solution, ADD_TESTS[1:] + ADD_TESTS[:1]) == [False, True, True]
+    assert run_tests(solution, ADD_TESTS[1:] + ADD_TESTS[:1], stop_on_fail=True) == [False] * 3
+
+
+def test_test_timeout_from_config():
+    task = code_task(n_eval=4, test_timeout_s=0.5, scoring="all")
+    assert task.reward_funcs[0].func is code_pass_all
+    assert task.reward_funcs[0].keywords == {"test_timeout_s": 0.5}
+    assert task.accuracy_func.keywords == {"test_timeout_s": 0.5}
+
+
 def test_early_exit_and_fake_output_do_not_pass():
     for cheat in (
         "import sys\nsys.exit(0)",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import functools
 import re
 import secrets
 from collections.abc import Sequence
@@ -35,6 +36,9 @@ from packrl.tasks.data import check_column, load_task_rows, split_rows
 from packrl.workers import default_num_workers
 
 TEST_TIMEOUT_S = 5.0
+# Wall-clock cap for one completion's whole test run; tests not reached by then fail. It
+# bounds a step's reward time even when every completion loops forever.
+MAX_RUN_S = 30.0
 # Code longer than this is not a solution to a test problem; it is not run.
 MAX_CODE_CHARS = 50_000
 
@@ -51,7 +55,7 @@ for _m in ("typing", "math", "re", "collections", "itertools", "functools", "hea
     except ImportError:
         pass
 
-def _run_all(token, preamble, solution, tests, timeout):
+def _run_all(token, preamble, solution, tests, timeout, stop_on_fail):
     for i, test in enumerate(tests):
         r, w = os.pipe()
         pid = os.fork()
@@ -90,6 +94,8 @@ def _run_all(token, preamble, solution, tests, timeout):
         status = "PASS" if data == token else (data.decode("utf-8", "replace") or "FAIL no report")
         sys.stdout.write("%s %d %s\n" % (token.decode(), i, status.replace("\n", " ")))
         sys.stdout.flush()
+        if stop_on_fail and status != "PASS":
+            return
 """
 
 
@@ -113,18 +119,21 @@ def run_tests(
     tests: Sequence[str],
     preamble: str = "",
     test_timeout_s: float = TEST_TIMEOUT_S,
+    stop_on_fail: bool = False,
     limits: Limits | None = None,
 ) -> list[bool]:
-    """Runs each test against ``solution`` in one sandbox run; one bool per test."""
+    """Runs each test against ``solution`` in one sandbox run; one bool per test.
+
+    ``stop_on_fail`` skips the remaining tests after a failure (they count as failed), for
+    all-or-nothing scoring.
+    """
     if not tests:
         return []
     token = "OK-" + secrets.token_hex(16)
-    program = (
-        _HARNESS
-        + f"\n_run_all({token.encode()!r}, {preamble!r}, {solution!r}, {list(tests)!r}, {test_timeout_s!r})\n"
-    )
+    args = (token.encode(), preamble, solution, list(tests), test_timeout_s, stop_on_fail)
+    program = _HARNESS + f"\n_run_all(*{args!r})\n"
     limits = limits or Limits(
-        timeout_s=test_timeout_s * len(tests) + 5.0,
+        timeout_s=min(test_timeout_s * len(tests) + 5.0, MAX_RUN_S),
         cpu_s=int(test_timeout_s + 1),
         memory_mb=1024,
         max_processes=16,
@@ -155,6 +164,7 @@ def _score(
     preamble: Sequence[str] | None,
     entry_point: Sequence[str] | None,
     all_or_nothing: bool,
+    test_timeout_s: float,
 ) -> list[float]:
     n = len(completions)
     preamble = preamble or [""] * n
@@ -164,7 +174,7 @@ def _score(
         code = extract_code(completions[i], entry_point[i])
         if code is None or len(code) > MAX_CODE_CHARS or not tests[i]:
             return 0.0
-        passed = run_tests(code, tests[i], preamble[i] or "")
+        passed = run_tests(code, tests[i], preamble[i] or "", test_timeout_s, all_or_nothing)
         if all_or_nothing:
             return float(all(passed))
         return sum(passed) / len(passed)
@@ -177,10 +187,11 @@ def code_pass_fraction(
     tests: Sequence[Sequence[str]],
     preamble: Sequence[str] | None = None,
     entry_point: Sequence[str] | None = None,
+    test_timeout_s: float = TEST_TIMEOUT_S,
     **kwargs: Any,
 ) -> list[float]:
     """Reward: the fraction of the row's tests that the completion's code passes."""
-    return _score(completions, tests, preamble, entry_point, all_or_nothing=False)
+    return _score(completions, tests, preamble, entry_point, False, test_timeout_s)
 
 
 def code_pass_all(
@@ -188,10 +199,11 @@ def code_pass_all(
     tests: Sequence[Sequence[str]],
     preamble: Sequence[str] | None = None,
     entry_point: Sequence[str] | None = None,
+    test_timeout_s: float = TEST_TIMEOUT_S,
     **kwargs: Any,
 ) -> list[float]:
     """Reward: 1.0 if the completion's code passes every test of the row, else 0.0."""
-    return _score(completions, tests, preamble, entry_point, all_or_nothing=True)
+    return _score(completions, tests, preamble, entry_point, True, test_timeout_s)
 
 
 def split_humaneval_check(test: str, entry_point: str) -> list[str]:
@@ -264,6 +276,7 @@ def code_task(
     prompt_template: str | None = None,
     system_prompt: str | None = None,
     scoring: str = "fraction",
+    test_timeout_s: float = TEST_TIMEOUT_S,
     seed: int = 0,
 ) -> Task:
     """A code task: HumanEval (``path=None``) or a user's MBPP-style file.
@@ -276,10 +289,15 @@ def code_task(
             "tests": "test_list", "preamble": "test_setup_code"}``.
         eval_path: held-out file; without it, ``n_eval`` rows are held out (shuffled by ``seed``).
         scoring: "fraction" (share of tests passed) or "all" (all-or-nothing).
+        test_timeout_s: wall-clock limit per test; a test that passes it fails alone.
     """
     if scoring not in ("fraction", "all"):
         raise ValueError(f"scoring={scoring!r}: use 'fraction' or 'all'")
     reward = code_pass_fraction if scoring == "fraction" else code_pass_all
+    accuracy = code_pass_all
+    if test_timeout_s != TEST_TIMEOUT_S:
+        reward = functools.partial(reward, test_timeout_s=test_timeout_s)
+        accuracy = functools.partial(code_pass_all, test_timeout_s=test_timeout_s)
     if path is None:
         rows = humaneval_rows(prompt_template or HUMANEVAL_TEMPLATE)
         if system_prompt:
@@ -304,7 +322,7 @@ def code_task(
         eval=eval_rows,
         reward_funcs=[reward],
         reward_weights=[1.0],
-        accuracy_func=code_pass_all,
+        accuracy_func=accuracy,
     )
 
 
