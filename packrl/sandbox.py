@@ -15,7 +15,8 @@
 - **seccomp** (when libseccomp is installed): ``socket()`` for any family but ``AF_UNIX``
   fails, a second wall against the network.
 - **deadline and output cap**: at ``limits.timeout_s`` or once stdout+stderr pass
-  ``limits.max_output_bytes``, the whole process group is killed (SIGKILL).
+  ``limits.max_output_bytes``, the whole process group is killed (SIGKILL). If the trainer
+  itself dies, ``setpriv --pdeathsig KILL`` takes the sandbox down with it.
 
 Fallback when ``unshare`` cannot create namespaces (for example inside a container that
 forbids them): the program runs in a plain subprocess with the same user switch, limits,
@@ -151,6 +152,17 @@ def _world_executable(path: str) -> bool:
 
 
 @functools.cache
+def _die_with_parent() -> list[str]:
+    """``setpriv --pdeathsig KILL`` when available: if the trainer dies mid-run, its sandbox
+    gets SIGKILL (and with it the whole namespace) instead of living on."""
+    cmd = ["setpriv", "--pdeathsig", "KILL"]
+    if shutil.which("setpriv") is None:
+        return []
+    ok = subprocess.run([*cmd, "true"], capture_output=True).returncode == 0
+    return cmd if ok else []
+
+
+@functools.cache
 def isolation() -> Isolation:
     """Probes once which layers work here, by running a trivial program through each."""
     python = _sandbox_python()
@@ -208,12 +220,13 @@ def _run(
         if iso.namespaces:
             workdir = "/tmp"  # the fresh tmpfs inside the mount namespace
             prefix = ["unshare", *NAMESPACE_FLAGS] + ([] if root else ["--map-root-user"])
+            prefix = _die_with_parent() + prefix
         else:
             hostdir = tempfile.mkdtemp(prefix="packrl-sandbox-")
             workdir = hostdir
             if uid is not None:
                 os.chown(hostdir, uid, uid)
-            prefix = []
+            prefix = _die_with_parent()
         nproc = limits.max_processes
         if uid is None:  # RLIMIT_NPROC counts all of this user's processes
             nproc += _user_process_count(os.getuid())

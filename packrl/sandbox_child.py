@@ -27,7 +27,7 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND = 0x1, 0x2, 0x4, 0x20, 0x100
 MS_REC, MS_PRIVATE = 0x4000, 1 << 18
 AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
 SYS_MOUNT_SETATTR = 442  # same number on every architecture (new syscall table)
-PR_CAPBSET_DROP = 24
+PR_SET_PDEATHSIG, PR_CAPBSET_DROP = 1, 24
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -144,6 +144,10 @@ def main() -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
+    # Die with our parent (unshare, or the trainer without namespaces). The kernel clears
+    # this on setuid, which is why unshare's --kill-child alone is not enough.
+    if libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
+        fail("PR_SET_PDEATHSIG")
     for name, value in cfg["rlimits"].items():
         limit = int(value)
         resource.setrlimit(getattr(resource, name), (limit, limit))

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -19,15 +20,19 @@ SLACK_S = 5.0
 
 
 def sandbox_pids() -> list[int]:
-    """Processes on the host owned by sandbox uids (or, without a user switch, none known)."""
+    """Live processes on the host owned by sandbox uids (zombies are dead: not counted)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.stat(f"/proc/{entry}").st_uid >= UID_BASE:
-                    pids.append(int(entry))
+                if os.stat(f"/proc/{entry}").st_uid < UID_BASE:
+                    continue
+                with open(f"/proc/{entry}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
             except OSError:
-                pass
+                continue
+            if state != "Z":
+                pids.append(int(entry))
     return pids
 
 
@@ -243,3 +248,31 @@ def test_program_has_no_capabilities_to_undo_isolation():
     )
     assert res.ok, res
     assert res.stdout.split() == ["-1", "0000000000000000"]
+
+
+def test_sandbox_dies_with_the_trainer():
+    # A "trainer" process starts a long sandbox run and is SIGKILLed mid-run.
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from packrl.sandbox import Limits, isolation, run_python\n"
+            "isolation()  # its probe runs are not the sandbox we are after\n"
+            "print('started', flush=True)\n"
+            "run_python('import time\\ntime.sleep(60)', Limits(timeout_s=60))\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=os.path.dirname(os.path.dirname(__file__)),
+    )
+    assert trainer.stdout.readline() == "started\n"
+    deadline = time.monotonic() + 20
+    while not sandbox_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_pids(), "the sandbox never started"
+    trainer.kill()
+    trainer.wait()
+    deadline = time.monotonic() + 5
+    while sandbox_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox_pids() == [], "the sandbox outlived its trainer"
