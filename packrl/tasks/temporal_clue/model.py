@@ -25,7 +25,8 @@ def solver_params(solver: cp_model.CpSolver) -> cp_model.CpSolver:
     """Single worker, fixed seed, no time limit: the same model always gives the same answer.
 
     Presolve and LP relaxation are off: these models are small and mostly clauses, and both
-    cost more per solve than the search they save (4-7x slower generation with them on).
+    cost more per solve than the search they save (generation takes 2.6-4.4x more CPU with
+    them on: tools/bench_puzzles.py --compare-defaults).
     """
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
