@@ -72,7 +72,7 @@ def test_humaneval_rows_and_sample():
     rows = humaneval_rows()
     assert len(rows) == 164
     assert sum(len(r["tests"]) for r in rows) > 164  # check() split into one test per assert
-    for r in rows[:8]:  # a quick sample; all 164 run in test_humaneval_all_canonical
+    for r in rows[:4]:  # a quick sample; all 164 run in the slow test below
         assert all(run_tests(r["canonical_solution"], r["tests"], r["preamble"])), r["task_id"]
         stub = f"def {r['entry_point']}(*args, **kwargs):\n    return None\n"
         assert not all(run_tests(stub, r["tests"], r["preamble"])), r["task_id"]
