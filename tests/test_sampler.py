@@ -163,25 +163,48 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
         )
 
 
-def test_first_token_distribution():
-    """Many one-token samples of one prompt follow softmax(logits / T), truncated by top-k."""
+def reference_filter(logits: torch.Tensor, top_k: int | None, top_p: float) -> torch.Tensor:
+    """Top-k then top-p on one row of logits [V] by a full sort: the textbook version."""
+    logits = logits.clone()
+    if top_k is not None:
+        logits[logits < logits.topk(top_k).values[-1]] = float("-inf")
+    probs, order = logits.softmax(-1).sort(descending=True)
+    drop = probs.cumsum(-1) - probs >= top_p
+    logits[order[drop]] = float("-inf")
+    return logits
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.5, None, 1.0), (1.5, 5, 1.0), (1.5, 20, 0.8), (6.0, None, 0.95)],
+)
+def test_first_token_distribution(temperature, top_k, top_p):
+    """20k one-token samples of one prompt follow softmax(logits / T), truncated by top-k
+    and top-p. The last case keeps more than 64 tokens: the top-p search must widen."""
     torch.manual_seed(1)
     model = _init(llama3_2(**TINY)).eval()
-    prompt, n, temperature = [3, 4, 5], 4000, 1.5
+    prompt, n = [3, 4, 5], 20_000
     with torch.no_grad():
         logits = model(torch.tensor([prompt]))[0, -1] / temperature
+    expected = reference_filter(logits, top_k, top_p).softmax(-1)
+    if temperature == 6.0:
+        assert int((expected > 0).sum()) > 64
     sampler = NativeSampler(model, stop_token_ids=[], pad_id=PAD, max_batch_size=n)
-    for top_k in (None, 5):
-        (samples,) = sampler.generate(
-            [prompt], num_samples=n, max_new_tokens=1, temperature=temperature, top_k=top_k, seed=0
-        )
-        counts = torch.bincount(torch.tensor([s.token_ids[0] for s in samples]), minlength=VOCAB)
-        expected = logits.clone()
-        if top_k is not None:
-            expected[expected < expected.topk(top_k).values[-1]] = float("-inf")
-            assert int((counts > 0).sum()) <= top_k
-        total_variation = 0.5 * (counts / n - expected.softmax(-1)).abs().sum()
-        assert total_variation < 0.05, (top_k, total_variation)
+    (samples,) = sampler.generate(
+        [prompt],
+        num_samples=n,
+        max_new_tokens=1,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=0,
+    )
+    counts = torch.bincount(torch.tensor([s.token_ids[0] for s in samples]), minlength=VOCAB)
+    assert bool((expected[counts > 0] > 0).all()), "sampled a token the filters removed"
+    total_variation = 0.5 * (counts / n - expected).abs().sum()
+    # Sampling noise alone gives E[TV] = sum_i sqrt(2 p_i (1 - p_i) / (pi n)) / 2 (0.01-0.03).
+    noise = 0.5 * (2 * expected * (1 - expected) / (torch.pi * n)).sqrt().sum()
+    assert total_variation < 1.5 * noise, (total_variation, noise)
 
 
 def test_training_unaffected_lora_and_checkpointing():

@@ -273,15 +273,48 @@ def _sample(
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [B, 1]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose mass reaches top_p.
-        sorted_logits, order = torch.sort(filtered, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
-        filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = filtered.softmax(dim=-1)
-    tok = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        filtered = _top_p_filter(filtered, top_p)
+    tok = _draw(filtered.softmax(dim=-1), generator)
     return tok, _token_logprob(scaled, tok)
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Sets to -inf all but the smallest set of most likely tokens whose probability mass
+    reaches top_p, per row of logits [B, V].
+
+    A full sort of [B, V] costs more than a decode step on CPU (~0.3 s for 32 x 49152); the
+    kept set is usually small, so take the top 64 and widen (x8) only while some row's top
+    tokens fall short of top_p.
+    """
+    vocab = logits.shape[-1]
+    log_total = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    k = min(64, vocab)
+    while True:
+        values, order = torch.topk(logits, k, dim=-1)  # [B, k], descending
+        probs = (values - log_total).exp()
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+        if k == vocab or bool((mass_before[:, -1] + probs[:, -1] >= top_p).all()):
+            break
+        k = min(8 * k, vocab)
+    values = values.masked_fill(mass_before >= top_p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs [B, V] by inverse CDF: one uniform per row.
+
+    torch.multinomial draws V exponentials per row instead, ~20x slower on CPU at V=49152.
+    """
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    u = (
+        torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+        * cdf[:, -1:]
+    )
+    # right=True: the first token whose cdf exceeds u, so zero-probability tokens never win.
+    tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    # u can round up to the total; never return a token the filters removed.
+    allowed = probs.gather(-1, tok[:, None]).squeeze(1) > 0
+    return torch.where(allowed, tok, probs.argmax(dim=-1))
 
 
 def _token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
