@@ -70,6 +70,13 @@ class GRPORecipe:
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
+        model_dir = cfg.get("model_dir")
+        if model_dir is not None and not Path(model_dir).is_dir():
+            raise FileNotFoundError(
+                f"model_dir={model_dir} does not exist. For SmolLM2 run "
+                "`python tools/prepare_smollm2.py` (setup.sh does); for Qwen2.5 download the HF "
+                "model there (see the config's header), or set model_dir=<your HF model dir>."
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model, self.is_lora = self._setup_model()
@@ -230,6 +237,7 @@ class GRPORecipe:
         g = self.cfg.grpo
         P, G = self.prompts_per_step, self.group_size
         t0 = time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
 
         # 1-2. prompts and rollouts. The sampling seed depends only on (seed, step): resumable.
         rows = self.next_rows(P)
@@ -301,7 +309,7 @@ class GRPORecipe:
                 "time/training_s": t_train - t_score,
                 "time/step_s": t_train - t0,
                 "tokens_per_s/generation": sum(lengths_all) / max(t_gen - t0, 1e-9),
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": lr,
             }
         )
         if stats is not None:
@@ -449,7 +457,7 @@ class GRPORecipe:
             p = i // G
             self.samples_file.write(
                 {
-                    "step": self.step,
+                    "step": self.step + 1,  # the step these metrics are logged under
                     "prompt": rows[p]["messages"][-1]["content"],
                     "completion": texts[i],
                     "reward": float(scores.total[i]),
