@@ -24,23 +24,25 @@ QUESTIONS = ["What is 17 + 25?", "Name a colour of the sky."]
 NEEDS_VLLM = "vLLM is not installed (./setup.sh --vllm installs the CPU build)"
 
 
-def trainer_logprobs(model, prompt: list[int], completion: list[int], temperature: float):
-    """log softmax(logits / T) of each completion token, from one full forward pass [C]."""
+def max_logprob_diff(model, prompts, results, temperature: float) -> float:
+    """Largest |vLLM logprob - trainer logprob| over all sampled tokens, where the trainer's
+    logprob is log softmax(logits / T) from one batched forward over prompt + completion."""
+    seqs = [(p, c) for p, samples in zip(prompts, results, strict=True) for c in samples]
+    width = max(len(p) + len(c.token_ids) for p, c in seqs)
+    # Right padding: the model is causal, so it never changes the logits of earlier positions.
+    tokens = torch.tensor(
+        [p + c.token_ids + [0] * (width - len(p) - len(c.token_ids)) for p, c in seqs]
+    )
     with torch.no_grad():
-        logits = model(torch.tensor([prompt + completion]))[0].float()  # [P + C, V]
-    logits = logits[len(prompt) - 1 : -1]
+        logits = model(tokens).float()  # [N, width, V]
     if temperature > 0:
         logits = logits / temperature
-    return logits.log_softmax(-1).gather(-1, torch.tensor(completion)[:, None]).squeeze(1)
-
-
-def max_logprob_diff(model, prompts, results, temperature) -> float:
-    """Largest |vLLM logprob - trainer logprob| over all sampled tokens."""
-    diffs = [
-        (torch.tensor(c.logprobs) - trainer_logprobs(model, p, c.token_ids, temperature)).abs()
-        for p, samples in zip(prompts, results, strict=True)
-        for c in samples
-    ]
+    logprobs = logits.log_softmax(-1)
+    diffs = []
+    for row, (p, c) in enumerate(seqs):
+        steps = torch.arange(len(p) - 1, len(p) - 1 + len(c.token_ids))
+        trainer = logprobs[row, steps, torch.tensor(c.token_ids)]  # [C]
+        diffs.append((torch.tensor(c.logprobs) - trainer).abs())
     return float(torch.cat(diffs).max())
 
 
@@ -51,10 +53,18 @@ def prompts(smollm2_tokenizer):
     ]
 
 
+# What the trainer's process looked like around the engine's start-up.
+STARTUP: dict = {}
+
+
 @pytest.fixture(scope="module")
 def engine(smollm2_dir):
     pytest.importorskip("vllm", reason=NEEDS_VLLM)
-    return VLLMSampler(smollm2_dir, stop_token_ids=STOP, max_model_len=MAX_MODEL_LEN, seed=0)
+    torch.manual_seed(1234)
+    STARTUP["rng_before"] = torch.get_rng_state()
+    sampler = VLLMSampler(smollm2_dir, stop_token_ids=STOP, max_model_len=MAX_MODEL_LEN, seed=0)
+    STARTUP["rng_after"] = torch.get_rng_state()
+    return sampler
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +89,22 @@ def test_missing_vllm_says_how_to_install(smollm2_dir, monkeypatch):
 
 @pytest.mark.vllm
 @pytest.mark.slow
+def test_startup_leaves_trainer_process_alone(engine):
+    """vLLM reseeds the global RNGs and disables torch.set_num_threads; both are undone."""
+    assert torch.equal(STARTUP["rng_before"], STARTUP["rng_after"])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
 def test_sampled_logprobs_match_trainer(engine, smollm2_model, prompts):
-    results = engine.generate(prompts, num_samples=4, max_new_tokens=24, temperature=0.8, seed=123)
-    assert [len(r) for r in results] == [4, 4]
+    results = engine.generate(prompts, num_samples=3, max_new_tokens=16, temperature=0.8, seed=123)
+    assert [len(r) for r in results] == [3, 3]
     for samples in results:
         for c in samples:
             assert len(c.token_ids) == len(c.logprobs) > 0
@@ -126,7 +149,7 @@ def test_bad_arguments_name_the_field(engine, prompts):
     with pytest.raises(ValueError, match="max_model_len"):
         engine.generate(prompts, max_new_tokens=MAX_MODEL_LEN)
     with pytest.raises(ValueError, match=r"prompts\[1\]"):
-        engine.generate([prompts[0], []])
+        engine.generate([prompts[0], []], max_new_tokens=8)
 
 
 @pytest.mark.vllm
@@ -141,7 +164,7 @@ def test_full_weight_update_followed(engine, smollm2_dir, prompts):
             p.add_(torch.randn(p.shape, generator=gen) * 0.1 * p.std())
 
     def check(model, other):
-        results = engine.generate(prompts, num_samples=2, max_new_tokens=16, seed=5)
+        results = engine.generate(prompts, num_samples=2, max_new_tokens=12, seed=5)
         assert max_logprob_diff(model, prompts, results, 1.0) < LOGPROB_ATOL
         # The weights pushed make a difference far above the tolerance.
         assert max_logprob_diff(other, prompts, results, 1.0) > 50 * LOGPROB_ATOL
@@ -176,7 +199,7 @@ def test_lora_adapter_updates_followed(lora_engine, smollm2_dir, smollm2_model, 
             tmp_path, step, model=policy, source_checkpoint_dir=smollm2_dir, adapter_only=True
         )
         lora_engine.update_adapter(step_dir)
-        results = lora_engine.generate(prompts, num_samples=2, max_new_tokens=16, seed=9)
+        results = lora_engine.generate(prompts, num_samples=2, max_new_tokens=12, seed=9)
         assert max_logprob_diff(policy, prompts, results, 1.0) < LOGPROB_ATOL
         # Neither the base model nor the previous adapter explains these logprobs.
         for other in [smollm2_model, *versions]:

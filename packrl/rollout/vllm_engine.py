@@ -23,6 +23,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -114,9 +115,11 @@ class VLLMSampler:
         self._next_lora_id = 1
         self._vllm = vllm
 
-        # vLLM's CPU worker replaces torch.set_num_threads with a no-op (it expects to own the
-        # process); in-process, the trainer shares it, so the original is put back.
+        # In-process, vLLM's start-up changes what the trainer shares with it: it reseeds the
+        # global RNGs, and the CPU worker replaces torch.set_num_threads with a no-op. Both are
+        # put back as they were.
         set_num_threads, num_threads = torch.set_num_threads, torch.get_num_threads()
+        rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         start = time.perf_counter()
         try:
             self.llm = vllm.LLM(
@@ -143,6 +146,9 @@ class VLLMSampler:
         finally:
             torch.set_num_threads = set_num_threads
             torch.set_num_threads(num_threads)
+            random.setstate(rng_states[0])
+            np.random.set_state(rng_states[1])
+            torch.set_rng_state(rng_states[2])
         self.startup_seconds = time.perf_counter() - start
 
     def generate(
