@@ -35,7 +35,8 @@ if [[ $torch_version != "$TORCH_VERSION"* ]]; then
   exit 1
 fi
 
-"$PY" -c "import packrl" 2>/dev/null || $PIP install --quiet -e "$ROOT"
+# `pip show`, not `import packrl`: the import would find the checkout in the working directory.
+$PIP show packrl >/dev/null 2>&1 || $PIP install --quiet -e "$ROOT"
 
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
