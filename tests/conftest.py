@@ -1,13 +1,13 @@
 """Shared pytest fixtures."""
 
+import pytest
 import torch
 
 # CI and dev machines have 2 cores; fixed thread counts keep timings and numerics stable.
 torch.set_num_threads(2)
 
 
-# --- SmolLM2 (engineer M): the real offline model, prepared once per session. ---
-import pytest  # noqa: E402
+# The real offline SmolLM2 model, prepared once per session (a no-op when cached).
 
 
 @pytest.fixture(scope="session")
