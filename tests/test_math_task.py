@@ -5,7 +5,7 @@ import time
 import pytest
 
 from packrl.tasks.arithmetic import LEVELS, arithmetic_task, generate_problems
-from packrl.tasks.math import extract_answer, math_accuracy
+from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
 
 
 @pytest.mark.parametrize(
@@ -104,7 +104,8 @@ def test_arithmetic_task_rows_and_reward():
     assert not train_q & eval_q
     user = task.train[0]["messages"][-1]
     assert user["role"] == "user" and "\\boxed{}" in user["content"]
-    assert task.accuracy_func is math_accuracy and task.reward_funcs == [math_accuracy]
+    assert task.accuracy_func is math_accuracy
+    assert task.reward_funcs == [math_accuracy, boxed_format] and task.reward_weights == [1.0, 0.2]
     rows = task.eval[:4]
     completions = [f"\\boxed{{{r['answer']}}}" for r in rows[:2]] + ["\\boxed{0}", "no idea"]
     assert task.accuracy_func(
@@ -113,5 +114,11 @@ def test_arithmetic_task_rows_and_reward():
         answer=[r["answer"] for r in rows],
         difficulty=[r["difficulty"] for r in rows],
     ) == [1.0, 1.0, 0.0, 0.0]
+    assert boxed_format(completions=completions) == [1.0, 1.0, 1.0, 0.0]
     same = arithmetic_task(n_train=300, n_eval=50, difficulty=1, seed=0)
     assert same.train == task.train
+
+
+def test_boxed_format():
+    completions = ["44 + 21 = 65. \\boxed{65}.", "\\boxed{}", "44 + 21 = 65", "**65**", "\\boxed{6"]
+    assert boxed_format(completions=completions) == [1.0, 0.0, 0.0, 0.0, 0.0]

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from packrl.tasks.base import Row, Task
-from packrl.tasks.math import math_accuracy
+from packrl.tasks.math import boxed_format, math_accuracy
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
 
@@ -162,6 +162,8 @@ def arithmetic_task(
 ) -> Task:
     """Generated arithmetic/algebra task; rows have "messages", "answer" and "difficulty".
 
+    Rewards: ``math_accuracy`` (weight 1.0, also the accuracy) and ``boxed_format`` (0.2).
+
     Args:
         n_train, n_eval: number of distinct problems in each split (never overlapping).
         difficulty: a level 0..8 (see module docstring) or a list of levels to mix.
@@ -182,7 +184,10 @@ def arithmetic_task(
         name=f"arithmetic-{difficulty}",
         train=rows[n_eval:],
         eval=rows[:n_eval],
-        reward_funcs=[math_accuracy],
-        reward_weights=[1.0],
+        # A small bonus for a boxed answer: SmolLM2-135M often writes the right sum
+        # ("44 + 21 = 65") without the box, which scores 0, so with correctness alone nearly
+        # every group is all zeros and GRPO has nothing to learn (docs/recipe.md, benchmark).
+        reward_funcs=[math_accuracy, boxed_format],
+        reward_weights=[1.0, 0.2],
         accuracy_func=math_accuracy,
     )

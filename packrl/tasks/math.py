@@ -151,6 +151,16 @@ def math_accuracy(
 MATH_PROMPT_TEMPLATE = "{prompt}\n\nPut your final answer in \\boxed{{}}."
 
 
+def boxed_format(completions: Sequence[str], **kwargs) -> list[float]:
+    """Reward: 1.0 when the completion puts a non-empty final answer in ``\\boxed{}``, else 0.0.
+
+    A small shaping term beside ``math_accuracy``: a small model that writes "44 + 21 = 65"
+    without the box scores 0 on accuracy, so its groups are all-equal and GRPO has nothing
+    to learn from; this reward tells boxed answers apart from unboxed ones.
+    """
+    return [float(bool(last_boxed(c))) for c in completions]
+
+
 def math_task(
     path: str,
     columns: dict[str, str] | None = None,
