@@ -11,25 +11,28 @@ so they differ only in layout and attention. Layouts are interleaved (order rota
 repeat); medians are reported. A second part times (c) vs (d) on 4096-token rows and
 reports mask memory.
 
-Peak memory is the peak resident set size (RSS, sampled every 2 ms from /proc/self/statm)
-during a step minus the RSS just before it. Large tensors are mmap-backed and go back to the
-OS when freed, but glibc may keep smaller freed blocks, so this can under-report a step that
-follows a bigger one. (Forcing every allocation through mmap made steps 10x slower.)
+Peak memory is measured apart from the timing: each layout runs one step in its own fresh
+process (this script with --only-layout NAME), so memory that glibc kept from an earlier
+layout cannot hide a later one. The child loads the model, builds its batch, resets the
+kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs), runs the step and reads the
+peak back (VmHWM): "peak_rss_mb" is the step's peak RSS, "step_mb" that peak minus the RSS
+just before the step (model, batch, optimizer-free baseline).
 
     python tools/bench_packing.py --json bench_packing.json [--quick]
+    python tools/bench_packing.py --only-layout c_shared_block   # memory of one layout
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import random
-import resource
 import statistics
+import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict
 
@@ -46,36 +49,8 @@ from packrl.logprobs import chunked_token_logprobs, final_hidden_states, packed_
 from packrl.packing import GroupRollout, PackedBatch, pack_groups
 
 ROW_ALIGN = 128  # packed rows are sized to the batch, rounded up to whole mask blocks
-
-
-class PeakRSS:
-    """Peak RSS increase (bytes) over the body of a ``with`` block, sampled in a thread."""
-
-    def __init__(self, interval_s: float = 0.002):
-        self.interval_s = interval_s
-        self.page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval_s)
-
-    def __enter__(self):
-        self.start = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.delta = self.peak - self.start
+LAYOUTS = ("a_padded", "b_unshared_block", "c_shared_block", "d_shared_dense")
+LAYOUTS_4K = ("c_block", "d_dense")
 
 
 def make_groups(n_groups, G, prompt_len, lo, hi, vocab, seed) -> list[GroupRollout]:
@@ -150,26 +125,83 @@ def train_step(model, batch: PackedBatch, kind: str) -> None:
 
 def time_layouts(model, layouts: dict[str, tuple[PackedBatch, str]], repeats: int, desc: str):
     """Interleaved runs (order rotated each repeat, so a first-run cost does not always hit
-    the same layout) -> per layout lists of wall/cpu/rss."""
+    the same layout) -> per layout lists of wall/cpu seconds."""
     names = list(layouts)
-    res = {n: {"wall_s": [], "cpu_s": [], "peak_rss_delta_mb": []} for n in names}
+    res = {n: {"wall_s": [], "cpu_s": []} for n in names}
     runs = [
         (rep, names[(rep + i) % len(names)]) for rep in range(repeats) for i in range(len(names))
     ]
     for _, n in tqdm(runs, desc=desc):
-        with PeakRSS() as mem:
-            t0, c0 = time.perf_counter(), time.process_time()
-            train_step(model, *layouts[n])
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
+        train_step(model, *layouts[n])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         res[n]["wall_s"].append(round(wall, 3))
         res[n]["cpu_s"].append(round(cpu, 3))
-        res[n]["peak_rss_delta_mb"].append(round(mem.delta / 2**20, 1))
     for n in names:
         r = res[n]
         r["wall_s_median"] = statistics.median(r["wall_s"])
         r["cpu_s_median"] = statistics.median(r["cpu_s"])
-        r["peak_rss_delta_mb_max"] = max(r["peak_rss_delta_mb"])
     return res
+
+
+def proc_status_mb(field: str) -> float:
+    """VmRSS / VmHWM of this process from /proc/self/status, in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def measure_step_memory(model, batch: PackedBatch, kind: str) -> dict:
+    """Peak RSS of one step in this (fresh) process: reset the kernel's peak counter, step,
+    read it back. The load peak (before the reset) is kept for reference."""
+    gc.collect()
+    load_peak = proc_status_mb("VmHWM")
+    before = proc_status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    train_step(model, batch, kind)
+    peak = proc_status_mb("VmHWM")
+    return {
+        "peak_rss_mb": peak,
+        "rss_before_step_mb": before,
+        "step_mb": round(peak - before, 1),
+        "load_peak_rss_mb": load_peak,
+    }
+
+
+def memory_in_subprocess(name: str, args) -> dict:
+    """Run this script with --only-layout NAME in a fresh process; its last stdout line is JSON."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--only-layout", name]
+    cmd += ["--threads", str(args.threads), "--seed", str(args.seed)]
+    cmd += ["--quick"] if args.quick else []
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def build_layouts(args, vocab: int) -> tuple[dict, dict, dict]:
+    """The batches of both parts, the same in the parent and in every --only-layout child
+    (seeded). -> (shape, part-1 layouts, part-2 layouts); layouts map name -> (batch, kind)."""
+    if args.quick:  # a smoke run: small shapes
+        shape = dict(G=8, prompt_len=32, lo=4, hi=16, rows4k=256)
+    else:
+        shape = dict(G=8, prompt_len=1000, lo=50, hi=400, rows4k=4096)
+    G, P, lo, hi, rows4k = shape.values()
+    # Part 1: one GRPO group (G completions of one prompt), four layouts.
+    groups = make_groups(1, G, P, lo, hi, vocab, args.seed)
+    shape["completion_lens"] = [len(c) for c in groups[0].completion_ids]
+    row_len = row_len_for(groups)
+    layouts = {
+        "a_padded": (padded_rows(groups), "padded"),
+        "b_unshared_block": (pack_groups(unshared(groups), row_len), "block"),
+        "c_shared_block": (pack_groups(groups, row_len), "block"),
+        "d_shared_dense": (pack_groups(groups, row_len), "dense"),
+    }
+    # Part 2: (c) vs (d) on rows of rows4k tokens, several groups per batch.
+    batch4k = pack_groups(make_groups(2, G, P, lo, hi, vocab, args.seed + 1), rows4k)
+    layouts4k = {"c_block": (batch4k, "block"), "d_dense": (batch4k, "dense")}
+    return shape, layouts, layouts4k
 
 
 def main(argv=None) -> dict:
@@ -180,11 +212,17 @@ def main(argv=None) -> dict:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="small batch (prompt 128, completions 8-48), 1 repeat, 512-token rows",
+        help="smoke run: prompt 32, completions 4-16, 1 repeat, 256-token rows in part 2",
     )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per layout")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--only-layout",
+        choices=[*LAYOUTS, *(f"rows4k_{n}" for n in LAYOUTS_4K)],
+        help="measure peak memory of one step of this layout in this process, print one JSON "
+        "line and exit (the benchmark runs itself this way once per layout)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -193,20 +231,15 @@ def main(argv=None) -> dict:
 
     model = use_packed_attention(load_smollm2(ensure_smollm2_checkpoint()))
     vocab = model.tok_embeddings.num_embeddings
-    if args.quick:
-        G, P, lo, hi, repeats, rows4k = 8, 128, 8, 48, args.repeats or 1, 512
-    else:
-        G, P, lo, hi, repeats, rows4k = 8, 1000, 50, 400, args.repeats or 3, 4096
+    shape, layouts, layouts4k = build_layouts(args, vocab)
+    if args.only_layout:
+        name = args.only_layout
+        batch, kind = layouts4k[name[7:]] if name.startswith("rows4k_") else layouts[name]
+        print(json.dumps({"layout": name, **measure_step_memory(model, batch, kind)}))
+        return {}
+    repeats = args.repeats or (1 if args.quick else 3)
+    G, P, rows4k, lens = shape["G"], shape["prompt_len"], shape["rows4k"], shape["completion_lens"]
 
-    # Part 1: one GRPO group (G completions of one prompt), four layouts.
-    groups = make_groups(1, G, P, lo, hi, vocab, args.seed)
-    row_len = row_len_for(groups)
-    layouts = {
-        "a_padded": (padded_rows(groups), "padded"),
-        "b_unshared_block": (pack_groups(unshared(groups), row_len), "block"),
-        "c_shared_block": (pack_groups(groups, row_len), "block"),
-        "d_shared_dense": (pack_groups(groups, row_len), "dense"),
-    }
     res = time_layouts(model, layouts, repeats, "layouts")
     base_wall, base_cpu = res["a_padded"]["wall_s_median"], res["a_padded"]["cpu_s_median"]
     for name, (batch, _) in layouts.items():
@@ -215,17 +248,9 @@ def main(argv=None) -> dict:
         res[name]["speedup_vs_a"] = round(base_wall / res[name]["wall_s_median"], 2)
         res[name]["cpu_speedup_vs_a"] = round(base_cpu / res[name]["cpu_s_median"], 2)
     ideal = res["a_padded"]["positions"] / res["c_shared_block"]["positions"]
-    lens = [len(c) for c in groups[0].completion_ids]
 
-    # Part 2: (c) vs (d) on rows of rows4k tokens, several groups per batch.
-    groups4k = make_groups(2, G, P, lo, hi, vocab, args.seed + 1)
-    batch4k = pack_groups(groups4k, rows4k)
-    res4k = time_layouts(
-        model,
-        {"c_block": (batch4k, "block"), "d_dense": (batch4k, "dense")},
-        repeats,
-        f"{rows4k}-token rows",
-    )
+    batch4k = layouts4k["c_block"][0]
+    res4k = time_layouts(model, layouts4k, repeats, f"{rows4k}-token rows")
     bm = packed_block_mask(batch4k.group_ids, batch4k.parent_ids)
     dense = packed_dense_mask(batch4k.group_ids, batch4k.parent_ids)
     kept = int(bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum())
@@ -238,14 +263,20 @@ def main(argv=None) -> dict:
         "causal_blocks": batch4k.num_rows * (n := -(-rows4k // ROW_ALIGN)) * (n + 1) // 2,
     }
 
+    # Memory: one fresh process per layout (after the timing, so it does not disturb it).
+    for name in tqdm(list(layouts), desc="memory, one process per layout"):
+        res[name]["memory"] = memory_in_subprocess(name, args)
+    for name in tqdm(list(layouts4k), desc=f"memory, {rows4k}-token rows"):
+        res4k[name]["memory"] = memory_in_subprocess(f"rows4k_{name}", args)
+
     out = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "threads": args.threads,
         "loadavg_at_end": os.getloadavg(),
-        "memory_measure": "peak RSS during the step minus RSS before it (sampled every 2 ms, in-process)",
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "memory_measure": "one fresh process per layout: peak RSS (VmHWM, reset via "
+        "/proc/self/clear_refs after model load) over one step; step_mb = peak - RSS before",
         "batch": {"G": G, "prompt_len": P, "completion_lens": lens, "trained_tokens": sum(lens)},
         "layouts": res,
         "ideal_ratio_positions_a_over_c": round(ideal, 2),
@@ -263,18 +294,20 @@ def main(argv=None) -> dict:
     }
     print(f"batch: G={G}, prompt {P}, completions {lens}")
     print(
-        f"{'layout':<18}{'rows x len':>12}{'positions':>11}{'wall s':>9}{'cpu s':>8}{'peak MB':>9}{'x vs a':>8}{'cpu x':>7}"
+        f"{'layout':<18}{'rows x len':>12}{'positions':>11}{'wall s':>9}{'cpu s':>8}{'peak MB':>9}{'step MB':>9}{'x vs a':>8}{'cpu x':>7}"
     )
     for name, r in res.items():
+        m = r["memory"]
         print(
-            f"{name:<18}{r['rows']:>5} x {r['row_len']:<5}{r['positions']:>10}{r['wall_s_median']:>9.2f}{r['cpu_s_median']:>8.2f}{r['peak_rss_delta_mb_max']:>9.0f}{r['speedup_vs_a']:>8.2f}{r['cpu_speedup_vs_a']:>7.2f}"
+            f"{name:<18}{r['rows']:>5} x {r['row_len']:<5}{r['positions']:>10}{r['wall_s_median']:>9.2f}{r['cpu_s_median']:>8.2f}{m['peak_rss_mb']:>9.0f}{m['step_mb']:>9.0f}{r['speedup_vs_a']:>8.2f}{r['cpu_speedup_vs_a']:>7.2f}"
         )
     print(
         f"ideal ratio (positions a / c): {ideal:.2f}; (c) reaches {out['c_speedup_fraction_of_ideal']:.0%} of it"
     )
     r4 = out["rows_4k"]
+    mc, md = res4k["c_block"]["memory"], res4k["d_dense"]["memory"]
     print(
-        f"{rows4k}-token rows ({batch4k.num_rows} rows): block {res4k['c_block']['wall_s_median']:.2f} s, dense {res4k['d_dense']['wall_s_median']:.2f} s (c/d = {r4['c_over_d_wall']})"
+        f"{rows4k}-token rows ({batch4k.num_rows} rows): block {res4k['c_block']['wall_s_median']:.2f} s, dense {res4k['d_dense']['wall_s_median']:.2f} s (c/d = {r4['c_over_d_wall']}); peak RSS block {mc['peak_rss_mb']:.0f} MB (step {mc['step_mb']:.0f}), dense {md['peak_rss_mb']:.0f} MB (step {md['step_mb']:.0f})"
     )
     print(
         f"mask memory: BlockMask {masks['block_mask_bytes'] / 2**10:.1f} KiB vs dense {masks['dense_mask_bytes'] / 2**20:.1f} MiB; blocks kept {kept}/{n_blocks}"
