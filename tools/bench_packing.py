@@ -16,7 +16,7 @@ process (this script with --only-layout NAME), so memory that glibc kept from an
 layout cannot hide a later one. The child loads the model, builds its batch, resets the
 kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs), runs the step and reads the
 peak back (VmHWM): "peak_rss_mb" is the step's peak RSS, "step_mb" that peak minus the RSS
-just before the step (model, batch, optimizer-free baseline).
+just before the step (model and batch loaded; no optimizer state).
 
     python tools/bench_packing.py --json bench_packing.json [--quick]
     python tools/bench_packing.py --only-layout c_shared_block   # memory of one layout
