@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from packrl.tasks.arithmetic import LEVELS, arithmetic_task, generate_problems
+from packrl.tasks.arithmetic import LEVELS, arithmetic_accuracy, arithmetic_task, generate_problems
 from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
 
 
@@ -104,8 +104,9 @@ def test_arithmetic_task_rows_and_reward():
     assert not train_q & eval_q
     user = task.train[0]["messages"][-1]
     assert user["role"] == "user" and "\\boxed{}" in user["content"]
-    assert task.accuracy_func is math_accuracy
-    assert task.reward_funcs == [math_accuracy, boxed_format] and task.reward_weights == [1.0, 0.2]
+    assert task.accuracy_func is arithmetic_accuracy
+    assert task.reward_funcs == [arithmetic_accuracy, boxed_format]
+    assert task.reward_weights == [1.0, 0.2]
     rows = task.eval[:4]
     completions = [f"\\boxed{{{r['answer']}}}" for r in rows[:2]] + ["\\boxed{0}", "no idea"]
     assert task.accuracy_func(
@@ -122,3 +123,17 @@ def test_arithmetic_task_rows_and_reward():
 def test_boxed_format():
     completions = ["44 + 21 = 65. \\boxed{65}.", "\\boxed{}", "44 + 21 = 65", "**65**", "\\boxed{6"]
     assert boxed_format(completions=completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def test_arithmetic_accuracy_rejects_unevaluated_expressions():
+    # math-verify scores "\boxed{17 + 23}" as 40; a policy learned to copy the question.
+    completions = [
+        "\\boxed{17 + 23}",
+        "\\boxed{2\\times 20}",
+        "\\boxed{17 + 23 = 40}",
+        "\\boxed{40}.",
+        "\\boxed{17 + 23 = 41}",
+    ]
+    assert math_accuracy(completions, ["40"] * 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
+    assert arithmetic_accuracy(completions, ["40"] * 5) == [0.0, 0.0, 1.0, 1.0, 0.0]
+    assert arithmetic_accuracy(["\\boxed{-\\frac{3}{4}}"], ["-\\frac{3}{4}"]) == [1.0]

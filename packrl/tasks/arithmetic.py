@@ -20,13 +20,33 @@ Difficulty levels (``LEVELS`` holds one generator per level):
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 from packrl.tasks.base import Row, Task
-from packrl.tasks.math import boxed_format, math_accuracy
+from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
+
+
+# An operator between a digit and a number: "17 + 23", "47 * 8", "912 / 24", "2\\times 3".
+_UNEVALUATED = re.compile(r"\d\s*(?:[-+*/^x\u00d7\u00f7]|\\times|\\cdot|\\div)\s*[\d(\\]")
+
+
+def arithmetic_accuracy(completions: Sequence[str], answer: Sequence[str], **kwargs) -> list[float]:
+    """Reward: ``math_accuracy``, but 0.0 when the final answer is still an expression.
+
+    math-verify evaluates "\\boxed{17 + 23}" to 40, so copying the question into the box
+    would score; a trained model finds that in a few steps. "17 + 23 = 40" still counts
+    (only the part after the last "=" must be a plain value).
+    """
+    rewards = math_accuracy(completions, answer, **kwargs)
+    for i, completion in enumerate(completions):
+        final = (extract_answer(completion) or "").rsplit("=", 1)[-1]
+        if _UNEVALUATED.search(final):
+            rewards[i] = 0.0
+    return rewards
 
 
 def _signed(k: int, var: str = "") -> str:
@@ -162,7 +182,7 @@ def arithmetic_task(
 ) -> Task:
     """Generated arithmetic/algebra task; rows have "messages", "answer" and "difficulty".
 
-    Rewards: ``math_accuracy`` (weight 1.0, also the accuracy) and ``boxed_format`` (0.2).
+    Rewards: ``arithmetic_accuracy`` (weight 1.0, also the accuracy) and ``boxed_format`` (0.2).
 
     Args:
         n_train, n_eval: number of distinct problems in each split (never overlapping).
@@ -187,7 +207,7 @@ def arithmetic_task(
         # A small bonus for a boxed answer: SmolLM2-135M often writes the right sum
         # ("44 + 21 = 65") without the box, which scores 0, so with correctness alone nearly
         # every group is all zeros and GRPO has nothing to learn (docs/recipe.md, benchmark).
-        reward_funcs=[math_accuracy, boxed_format],
+        reward_funcs=[arithmetic_accuracy, boxed_format],
         reward_weights=[1.0, 0.2],
-        accuracy_func=math_accuracy,
+        accuracy_func=arithmetic_accuracy,
     )
