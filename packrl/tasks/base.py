@@ -55,4 +55,6 @@ class Task:
         for split, rows in (("train", self.train), ("eval", self.eval)):
             for i, row in enumerate(rows[:1]):  # full checks happen where rows are loaded
                 if "messages" not in row:
-                    raise ValueError(f"task {self.name!r}: {split} row {i} has no 'messages' column")
+                    raise ValueError(
+                        f"task {self.name!r}: {split} row {i} has no 'messages' column"
+                    )
