@@ -91,7 +91,8 @@ class CheckpointError(RuntimeError):
 # ----------------------------------------------------------------------------- conversion
 
 
-def _read_config(source_checkpoint_dir: Path) -> dict:
+def read_hf_config(source_checkpoint_dir: Path) -> dict:
+    """The HF ``config.json`` of a model directory, with an error that says what to pass."""
     path = source_checkpoint_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(
@@ -101,7 +102,8 @@ def _read_config(source_checkpoint_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _resolve_model_type(model_type: str | None, config: dict) -> str:
+def resolve_model_type(model_type: str | None, config: dict) -> str:
+    """torchtune's model type (LLAMA3_2, QWEN2, ...): given, or inferred from config.json."""
     if model_type is None:
         hf_type = config.get("model_type")
         if hf_type not in _HF_MODEL_TYPES:
@@ -127,7 +129,7 @@ def _head_args(config: dict) -> dict:
     )
 
 
-def _tune_to_hf(state_dict: dict, model_type: str, config: dict) -> dict:
+def tune_to_hf(state_dict: dict, model_type: str, config: dict) -> dict:
     """torchtune keys -> HF keys, exactly as FullModelHFCheckpointer.save_checkpoint does."""
     if model_type == "QWEN2":
         from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
@@ -142,7 +144,7 @@ def _tune_to_hf(state_dict: dict, model_type: str, config: dict) -> dict:
     )
 
 
-def _hf_to_tune(state_dict: dict, model_type: str, config: dict) -> dict:
+def hf_to_tune(state_dict: dict, model_type: str, config: dict) -> dict:
     """HF keys -> torchtune keys, exactly as FullModelHFCheckpointer.load_checkpoint does."""
     if model_type == "QWEN2":
         from torchtune.models.qwen2._convert_weights import qwen2_hf_to_tune
@@ -363,7 +365,7 @@ def _write_checkpoint_files(
             adapted = {k.replace(".lora_a.weight", ".weight") for k in adapter if ".lora_a." in k}
             full = {k: v.clone() if k in adapted else v for k, v in state_dict.items()}
             full = get_merged_lora_ckpt(full, rank=hp["rank"], alpha=hp["alpha"])
-        hf = _tune_to_hf(full, model_type, config)
+        hf = tune_to_hf(full, model_type, config)
         hf = {k: v.contiguous() for k, v in hf.items()}
         files += _save_safetensors_shards(hf, tmp, max_shard_bytes)
         files += _copy_source_files(source, tmp)
@@ -441,8 +443,8 @@ def save_checkpoint(
             )
     out_dir = Path(out_dir).expanduser()
     source = Path(source_checkpoint_dir).expanduser()
-    config = _read_config(source)
-    model_type = _resolve_model_type(model_type, config)
+    config = read_hf_config(source)
+    model_type = resolve_model_type(model_type, config)
     if source.resolve() == out_dir.resolve():
         raise ValueError("out_dir must not be the source checkpoint dir")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -572,8 +574,8 @@ def _load_full_weights(step_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
         if not (step_dir / name).is_file():
             raise CheckpointError(f"checkpoint {step_dir} is incomplete: {name} is missing")
         hf.update(load_file(step_dir / name))
-    config = _read_config(step_dir)
-    return _hf_to_tune(hf, meta["model_type"], config)
+    config = read_hf_config(step_dir)
+    return hf_to_tune(hf, meta["model_type"], config)
 
 
 def load_checkpoint(

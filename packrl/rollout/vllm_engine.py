@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from packrl.checkpointing import _read_config, _resolve_model_type, _tune_to_hf
+from packrl.checkpointing import read_hf_config, resolve_model_type, tune_to_hf
 from packrl.rollout.base import Completion
 
 VLLM_INSTALL_HINT = (
@@ -89,8 +89,8 @@ class VLLMSampler:
     ) -> None:
         vllm = _import_vllm()
         checkpoint_dir = Path(checkpoint_dir).expanduser()
-        self.config = _read_config(checkpoint_dir)
-        self.model_type = _resolve_model_type(None, self.config)
+        self.config = read_hf_config(checkpoint_dir)
+        self.model_type = resolve_model_type(None, self.config)
         vocab_size = self.config["vocab_size"]
         if not stop_token_ids or any(
             not isinstance(i, int) or not 0 <= i < vocab_size for i in stop_token_ids
@@ -218,7 +218,7 @@ class VLLMSampler:
                 "base weights never change: save the adapter with save_checkpoint(..., "
                 "adapter_only=True) and call update_adapter(<that directory>)"
             )
-        hf = _tune_to_hf(state, self.model_type, self.config)
+        hf = tune_to_hf(state, self.model_type, self.config)
         if self.config.get("tie_word_embeddings") and "lm_head.weight" not in hf:
             # vLLM's lm_head does not share storage with the embedding after a reload.
             hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
