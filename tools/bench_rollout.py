@@ -40,6 +40,22 @@ def arithmetic_prompts(tokenizer: ChatTokenizer, n: int, seed: int) -> list[list
     return prompts
 
 
+def throughput_results(
+    times: dict[str, list[float]], tokens: dict[str, list[int]]
+) -> dict[str, dict]:
+    """Per variant: median tokens/s and seconds over its repeats, plus the raw runs."""
+    results = {}
+    for name in times:
+        rates = [n / t for n, t in zip(tokens[name], times[name], strict=True)]
+        results[name] = {
+            "tokens_per_s_median": statistics.median(rates),
+            "seconds_median": statistics.median(times[name]),
+            "generated_tokens": tokens[name],
+            "seconds": times[name],
+        }
+    return results
+
+
 def run_native(sampler: NativeSampler, prompts, args, batch: int, seed: int) -> int:
     """Generates the first ``args.chunks`` chunks of ``batch`` sequences (prompt-major, as the
     sampler orders them) and returns the number of generated tokens. Chunks run one after
@@ -133,15 +149,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
                 bar.update(1)
 
-    results = {}
-    for name in variants:
-        rates = [n / t for n, t in zip(tokens[name], times[name], strict=True)]
-        results[name] = {
-            "tokens_per_s_median": statistics.median(rates),
-            "seconds_median": statistics.median(times[name]),
-            "generated_tokens": tokens[name],
-            "seconds": times[name],
-        }
+    results = throughput_results(times, tokens)
     base = results.get(f"native_batch{args.batches[0]}")
     if base:
         for r in results.values():

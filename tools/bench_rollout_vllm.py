@@ -13,14 +13,16 @@ and vLLM's start-up time, which is paid once per run and so is reported apart.
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_rollout import arithmetic_prompts  # tools/ is on sys.path when run as a script
+from bench_rollout import (  # tools/ is on sys.path when run as a script
+    arithmetic_prompts,
+    throughput_results,
+)
 from tqdm.auto import tqdm
 
 from packrl.models import ChatTokenizer, ensure_smollm2_checkpoint, load_smollm2
@@ -78,15 +80,7 @@ def main() -> None:
                 tokens[name].append(sum(len(c.token_ids) for s in out for c in s))
                 bar.update(1)
 
-    results = {}
-    for name in samplers:
-        rates = [n / t for n, t in zip(tokens[name], times[name], strict=True)]
-        results[name] = {
-            "tokens_per_s_median": statistics.median(rates),
-            "seconds_median": statistics.median(times[name]),
-            "generated_tokens": tokens[name],
-            "seconds": times[name],
-        }
+    results = throughput_results(times, tokens)
     report = {
         "benchmark": "bench_rollout_vllm",
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
