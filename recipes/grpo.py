@@ -17,6 +17,7 @@ Full fine-tuning or LoRA follows from the model component: a LoRA builder trains
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 import warnings
@@ -181,8 +182,7 @@ class GRPORecipe:
         num = len(self.task.train)
         for pos in range(self.data_position, self.data_position + n):
             epoch, i = divmod(pos, num)
-            perm = torch.randperm(num, generator=torch.Generator().manual_seed(self.seed + epoch))
-            rows.append(self.task.train[int(perm[i])])
+            rows.append(self.task.train[_epoch_order(self.seed + epoch, num)[i]])
         self.data_position += n
         return rows
 
@@ -513,6 +513,12 @@ class GRPORecipe:
         print(f"logs:       {self.metrics_file.path} (completions: {self.samples_file.path})")
         if plot is not None:
             print(f"plot:       {plot}", flush=True)
+
+
+@functools.cache
+def _epoch_order(seed: int, num: int) -> list[int]:
+    """The order of the training rows in one epoch: a permutation fixed by its seed."""
+    return torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def _std(x: torch.Tensor) -> float:
