@@ -23,10 +23,13 @@ Example row (prompt p0 p1 p2, completions a0 a1 and b0 b1 b2, row_len 10)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 __all__ = ["GroupRollout", "PackedBatch", "PackingStats", "pack_groups"]
 
@@ -140,47 +143,27 @@ def pack_groups(
     groups = list(groups)
     completions = _validated_completions(groups, row_len, truncate)  # per group: list of (j, len)
 
+    lens = {g: dict(c) for g, c in enumerate(completions)}  # group -> {completion: length}
+
     # 1. Chunks: (group index, [completion indices]), each fitting in one row with its prompt.
     chunks: list[tuple[int, list[int]]] = []
     for g, comps in enumerate(completions):
         capacity = row_len - len(groups[g].prompt_ids)
-        bins: list[list[int]] = []
-        free: list[int] = []
-        for j, n in sorted(comps, key=lambda c: -c[1]):
-            for b in range(len(bins)):
-                if free[b] >= n:
-                    bins[b].append(j)
-                    free[b] -= n
-                    break
-            else:
-                bins.append([j])
-                free.append(capacity - n)
+        bins = _first_fit_decreasing([j for j, _ in comps], lens[g].__getitem__, capacity)
         chunks += [(g, sorted(b)) for b in bins]
 
-    # 2. Rows: first-fit decreasing over chunk sizes.
+    # 2. Rows: first-fit decreasing over chunk sizes (ties keep group order).
     def chunk_len(chunk: tuple[int, list[int]]) -> int:
         g, js = chunk
-        return len(groups[g].prompt_ids) + sum(dict(completions[g])[j] for j in js)
+        return len(groups[g].prompt_ids) + sum(lens[g][j] for j in js)
 
-    rows: list[list[tuple[int, list[int]]]] = []
-    row_free: list[int] = []
-    for chunk in sorted(chunks, key=lambda c: (-chunk_len(c), c[0])):
-        n = chunk_len(chunk)
-        for r in range(len(rows)):
-            if row_free[r] >= n:
-                rows[r].append(chunk)
-                row_free[r] -= n
-                break
-        else:
-            rows.append([chunk])
-            row_free.append(row_len - n)
+    rows = _first_fit_decreasing(chunks, chunk_len, row_len)
 
     # 3. Fill tensors.
     R, S = len(rows), row_len
     seq_offset = [0]
     for grp in groups:
         seq_offset.append(seq_offset[-1] + len(grp.completion_ids))
-    lens = {g: dict(c) for g, c in enumerate(completions)}
     t = {
         "tokens": torch.full((R, S), pad_id, dtype=torch.long),
         "positions": torch.zeros(R, S, dtype=torch.long),
@@ -229,6 +212,24 @@ def pack_groups(
     batch = PackedBatch(**t, stats=None)  # type: ignore[arg-type]
     batch.stats = _compute_stats(batch)
     return batch
+
+
+def _first_fit_decreasing(items: list[T], size: Callable[[T], int], capacity: int) -> list[list[T]]:
+    """Bins of ``items`` (each bin's total size <= capacity), filled first-fit in order of
+    decreasing size; equal sizes keep their input order."""
+    bins: list[list[T]] = []
+    free: list[int] = []
+    for item in sorted(items, key=lambda it: -size(it)):
+        n = size(item)
+        for b in range(len(bins)):
+            if free[b] >= n:
+                bins[b].append(item)
+                free[b] -= n
+                break
+        else:
+            bins.append([item])
+            free.append(capacity - n)
+    return bins
 
 
 def _validated_completions(
