@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Protocol
 
+from torch import nn
+
 
 @dataclass
 class Completion:
@@ -36,4 +38,10 @@ class Sampler(Protocol):
         progress: bool = False,
     ) -> list[list[Completion]]:
         """Returns completions indexed [prompt][sample]."""
+        ...
+
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Serve `policy`'s current weights from now on. The recipe calls it after every
+        optimizer step and after resuming. `policy` may be FSDP-sharded: then every rank
+        calls it (the whole tensors are gathered collectively)."""
         ...

@@ -24,6 +24,7 @@ from torchtune.modules.common_utils import local_kv_cache
 from torchtune.modules.kv_cache import KVCache
 from tqdm.auto import tqdm
 
+from packrl.distributed import full_parameters
 from packrl.rollout.base import Completion
 
 
@@ -207,6 +208,18 @@ class NativeSampler:
         for layer in model.layers:
             h = layer(h, mask=mask, input_pos=input_pos)
         return model.output(model.norm(h[:, -1])).float()  # [B, V]
+
+    @torch.no_grad()
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Copy `policy`'s trainable weights into the sampling model, unless it is the policy
+        itself (one device: nothing to do). Under FSDP the sampler holds an unsharded copy,
+        because decoding through sharded layers would all-gather each layer for every token,
+        in lockstep on all ranks; the shards are gathered here once per optimizer step."""
+        if policy is self.model:
+            return
+        own = dict(self.model.named_parameters())
+        for name, tensor in full_parameters(policy, trainable_only=True):
+            own[name].copy_(tensor)
 
     def _check_args(
         self,
