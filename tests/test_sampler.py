@@ -150,6 +150,43 @@ def test_seed_determinism(tiny):
     assert sampler.generate(PROMPTS, **kwargs) == d
 
 
+def test_per_prompt_seeds_make_samples_independent_of_batching(tiny):
+    """A prompt's samples depend only on its seed: not on the other prompts in the call, the
+    batch size, or the order, which is what lets ranks split a step's prompts."""
+    kwargs = dict(num_samples=3, max_new_tokens=10, temperature=1.0)
+    seeds = [101, 102, 103, 104]
+    whole = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=12)
+    split = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=2)
+    all_at_once = whole.generate(PROMPTS, seed=seeds, **kwargs)
+    odd = split.generate(PROMPTS[1::2], seed=seeds[1::2], **kwargs)
+    even = split.generate(PROMPTS[::2][::-1], seed=seeds[::2][::-1], **kwargs)[::-1]
+    ids = lambda out: [[c.token_ids for c in group] for group in out]  # noqa: E731
+    assert ids(all_at_once[1::2]) == ids(odd)
+    assert ids(all_at_once[::2]) == ids(even)
+    assert len({tuple(c.token_ids) for c in all_at_once[0]}) > 1
+    with pytest.raises(ValueError, match="per-prompt seeds"):
+        whole.generate(PROMPTS, seed=seeds[:2], **kwargs)
+
+
+def test_sync_weights_copies_a_policy_into_the_sampling_model(tiny):
+    import copy
+
+    policy = copy.deepcopy(tiny)
+    sampler = NativeSampler(copy.deepcopy(tiny), stop_token_ids=[], pad_id=PAD)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kwargs = dict(num_samples=1, max_new_tokens=6, temperature=0)
+    before = sampler.generate(PROMPTS, **kwargs)
+    sampler.sync_weights(policy)
+    assert sampler.model is not policy
+    for a, b in zip(sampler.model.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(a, b)
+    after = sampler.generate(PROMPTS, **kwargs)
+    expect = NativeSampler(policy, stop_token_ids=[], pad_id=PAD).generate(PROMPTS, **kwargs)
+    assert after == expect and after != before
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
     greedy = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, temperature=0)

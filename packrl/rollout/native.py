@@ -17,6 +17,9 @@ are dropped when the next one starts. The caches are torchtune's (``local_kv_cac
 deleted when a chunk ends, so training forwards afterwards see a plain model.
 """
 
+import random
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
@@ -72,20 +75,29 @@ class NativeSampler:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
     ) -> list[list[Completion]]:
         """Samples ``num_samples`` completions for each prompt; returns them as [prompt][sample].
 
-        ``temperature=0`` is greedy decoding (top-p / top-k are then irrelevant). The same seed
-        with the same arguments gives the same tokens; ``seed=None`` draws one from torch's
-        global RNG, so ``torch.manual_seed`` makes the call reproducible too.
+        ``temperature=0`` is greedy decoding (top-p / top-k are then irrelevant). ``seed`` is
+        one seed for the call or one per prompt. Each sequence draws its random numbers from
+        its own stream, keyed by (its prompt's seed, its sample index), so a prompt's samples
+        do not depend on which other prompts share the call or the batch: a step split across
+        ranks samples what one process would. ``seed=None`` draws one from torch's global RNG,
+        so ``torch.manual_seed`` makes the call reproducible too.
         """
         self._check_args(prompts, num_samples, max_new_tokens, temperature, top_p, top_k)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        device = self.model.tok_embeddings.weight.device
-        generator = torch.Generator(device=device).manual_seed(seed)
+        if isinstance(seed, int):
+            prompt_seeds = [f"{seed}:{p}" for p in range(len(prompts))]
+        else:
+            prompt_seeds = [str(int(s)) for s in seed]
+            if len(prompt_seeds) != len(prompts):
+                raise ValueError(
+                    f"seed: got {len(prompt_seeds)} per-prompt seeds for {len(prompts)} prompts"
+                )
 
         # One row per sequence, prompt-major, cut into chunks of at most max_batch_size.
         rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
@@ -103,7 +115,7 @@ class NativeSampler:
                         temperature=temperature,
                         top_p=top_p,
                         top_k=top_k,
-                        generator=generator,
+                        streams=[f"{prompt_seeds[p]}/{s}" for p, s in chunk],
                     )
                     for (p, _), completion in zip(chunk, completions, strict=True):
                         out[p].append(completion)
@@ -122,9 +134,10 @@ class NativeSampler:
         temperature: float,
         top_p: float,
         top_k: int | None,
-        generator: torch.Generator,
+        streams: list[str],
     ) -> list[Completion]:
-        """Generates one completion per entry of ``row_prompts`` (indices into ``prompts``)."""
+        """Generates one completion per entry of ``row_prompts`` (indices into ``prompts``),
+        the random numbers of row i drawn from the stream seeded by ``streams[i]``."""
         model = self.model
         device = model.tok_embeddings.weight.device
         unique = sorted(set(row_prompts))
@@ -165,10 +178,17 @@ class NativeSampler:
             _select_cache_rows(model, src)
             logits, key_valid, next_pos = logits[src], key_valid[src], lens[src]
             row_ids = torch.arange(n_rows, device=device)  # chunk sequence held by each row
+            # One uniform per sequence and step [B, T], from each sequence's own stream.
+            uniforms = torch.tensor(
+                [[r.random() for _ in range(max_new_tokens)] for r in map(random.Random, streams)],
+                dtype=torch.float64,
+            ).to(device)
             done = torch.zeros(n_rows, dtype=torch.bool, device=device)
 
             for step in range(max_new_tokens):
-                tok, tok_logprob = _sample(logits, temperature, top_p, top_k, generator)  # [B]
+                tok, tok_logprob = _sample(
+                    logits, temperature, top_p, top_k, uniforms[row_ids, step]
+                )  # [B]
                 for r, t, lp, d in zip(
                     row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist(), strict=True
                 ):
@@ -217,7 +237,7 @@ class NativeSampler:
         in lockstep on all ranks; the shards are gathered here once per optimizer step."""
         if policy is self.model:
             return
-        own = dict(self.model.named_parameters())
+        own = dict(full_parameters(self.model))  # views of the sampling model's parameters
         for name, tensor in full_parameters(policy, trainable_only=True):
             own[name].copy_(tensor)
 
@@ -270,9 +290,10 @@ def _sample(
     temperature: float,
     top_p: float,
     top_k: int | None,
-    generator: torch.Generator,
+    uniforms: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draws one token per row from logits [B, V] (fp32).
+    """Draws one token per row from logits [B, V] (fp32), with one uniform in [0, 1) per row
+    (uniforms [B]).
 
     Returns tokens [B] and their log-probs [B] under softmax(logits / temperature), taken
     before top-k / top-p truncation (softmax(logits) when greedy).
@@ -287,7 +308,7 @@ def _sample(
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
         filtered = _top_p_filter(filtered, top_p)
-    tok = _draw(filtered.softmax(dim=-1), generator)
+    tok = _draw(filtered.softmax(dim=-1), uniforms)
     return tok, _token_logprob(scaled, tok)
 
 
@@ -313,16 +334,13 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
 
 
-def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs [B, V] by inverse CDF: one uniform per row.
+def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of probs [B, V] by inverse CDF of the row's uniform (uniforms [B]).
 
     torch.multinomial draws V exponentials per row instead, ~20x slower on CPU at V=49152.
     """
     cdf = probs.cumsum(dim=-1)  # [B, V]
-    u = (
-        torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
-        * cdf[:, -1:]
-    )
+    u = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
     # right=True: the first token whose cdf exceeds u, so zero-probability tokens never win.
     tok = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
     # u can round up to the total; never return a token the filters removed.
