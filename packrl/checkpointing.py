@@ -44,6 +44,8 @@ from torch import nn
 from torchtune.models import convert_weights
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
+from packrl.distributed import barrier, gather_to_rank0, shard_like, world
+
 FORMAT_VERSION = 1
 META_FILE = "packrl_checkpoint.json"
 STATE_FILE = "training_state.pt"
@@ -268,10 +270,6 @@ def _copy_source_files(source: Path, out: Path) -> list[str]:
     return copied
 
 
-def _cpu_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-
-
 def _describe_params(state_dict: dict[str, torch.Tensor]) -> dict[str, dict]:
     return {
         k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
@@ -344,14 +342,15 @@ def _write_checkpoint_files(
     step: int,
     *,
     model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
     source: Path,
     adapter_only: bool,
     model_type: str,
     config: dict,
     max_shard_bytes: int,
 ) -> tuple[dict, dict]:
-    """Model files into ``tmp``; returns (metadata, LoRA adapter state in torchtune keys)."""
-    state_dict = _cpu_state_dict(model)
+    """Model files into ``tmp`` from the model's whole CPU ``state_dict``; returns (metadata,
+    LoRA adapter state in torchtune keys)."""
     adapter = get_adapter_state_dict(state_dict)
     if adapter_only and not adapter:
         raise ValueError("adapter_only=True but the model has no LoRA adapters")
@@ -430,6 +429,9 @@ def save_checkpoint(
     plain values/tensors (the data position); ``generators`` are torch.Generators whose
     states are restored by name. ``keep_last`` keeps only the newest N step dirs.
     Returns the step directory.
+
+    Under torchrun (FSDP2) every rank calls it: the shards are gathered to rank 0, which
+    alone writes one consolidated checkpoint; the others wait until it is complete.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -447,6 +449,52 @@ def save_checkpoint(
     model_type = resolve_model_type(model_type, config)
     if source.resolve() == out_dir.resolve():
         raise ValueError("out_dir must not be the source checkpoint dir")
+    target = out_dir / f"step_{step}"
+    # Collectives first, on every rank: whole tensors end up on rank 0 only.
+    state_dict = gather_to_rank0(model.state_dict())
+    optimizer_state = gather_to_rank0(optimizer.state_dict()) if optimizer is not None else None
+    if world()[1] != 0:
+        barrier()  # until rank 0 has written the checkpoint
+        return target
+    try:
+        _save_on_rank0(
+            out_dir,
+            target,
+            step,
+            model=model,
+            state_dict=state_dict,
+            source=source,
+            adapter_only=adapter_only,
+            model_type=model_type,
+            config=config,
+            max_shard_bytes=max_shard_bytes,
+            training_state={
+                "step": step,
+                "optimizer": optimizer_state,
+                "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
+                "rng": _rng_state(generators or {}),
+                "data_state": data_state if data_state is not None else {},
+            },
+        )
+    finally:
+        barrier()
+    if keep_last is not None:
+        for _, old_dir in _step_dirs(out_dir)[:-keep_last]:
+            if old_dir != target:
+                shutil.rmtree(old_dir)
+    return target
+
+
+def _save_on_rank0(
+    out_dir: Path,
+    target: Path,
+    step: int,
+    *,
+    training_state: dict,
+    **file_args: Any,
+) -> None:
+    """Write ``target`` atomically (a temp dir renamed into place), then point ``latest``
+    at it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(_TMP_PREFIX + "*"):  # left by a crashed save
         if stale.is_dir():
@@ -454,30 +502,10 @@ def save_checkpoint(
         else:
             stale.unlink(missing_ok=True)
 
-    target = out_dir / f"step_{step}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{step}-", dir=out_dir))
     try:
-        meta, adapter = _write_checkpoint_files(
-            tmp,
-            step,
-            model=model,
-            source=source,
-            adapter_only=adapter_only,
-            model_type=model_type,
-            config=config,
-            max_shard_bytes=max_shard_bytes,
-        )
-        _save_training_state(
-            tmp / STATE_FILE,
-            {
-                "step": step,
-                "adapter": adapter,
-                "optimizer": optimizer.state_dict() if optimizer is not None else None,
-                "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None,
-                "rng": _rng_state(generators or {}),
-                "data_state": data_state if data_state is not None else {},
-            },
-        )
+        meta, adapter = _write_checkpoint_files(tmp, step, **file_args)
+        _save_training_state(tmp / STATE_FILE, {**training_state, "adapter": adapter})
         # The metadata file goes last: a directory with it is complete.
         _write_json(tmp / META_FILE, meta)
         for f in tmp.iterdir():
@@ -499,12 +527,6 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         for stale in out_dir.glob(_TMP_PREFIX + "old-*"):
             shutil.rmtree(stale, ignore_errors=True)
-
-    if keep_last is not None:
-        for _, old_dir in _step_dirs(out_dir)[:-keep_last]:
-            if old_dir != target:
-                shutil.rmtree(old_dir)
-    return target
 
 
 # ----------------------------------------------------------------------------- load
@@ -578,6 +600,26 @@ def _load_full_weights(step_dir: Path, meta: dict) -> dict[str, torch.Tensor]:
     return hf_to_tune(hf, meta["model_type"], config)
 
 
+def _shard_optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """The saved (whole) optimizer state, each per-parameter tensor laid out like its
+    parameter (a shard of it under FSDP2). State keys are parameter indices in
+    param_groups order, the same whatever the number of ranks."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for index, per_param in saved.get("state", {}).items():
+        if not isinstance(index, int) or not 0 <= index < len(params):
+            raise CheckpointError(
+                f"optimizer state has an entry for parameter {index!r}; the optimizer has "
+                f"{len(params)} parameters (was the checkpoint saved for another model?)"
+            )
+        p = params[index]
+        state[index] = {
+            k: shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v
+            for k, v in per_param.items()
+        }
+    return {**saved, "state": state}
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -626,6 +668,8 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {step_dir} weights do not match the model's keys: {_first(differ)}"
         )
+    # Under FSDP2 each rank read the whole tensors and keeps its own shard of them.
+    weights = {k: shard_like(v, model_sd[k]) for k, v in weights.items()}
     model.load_state_dict(weights, strict=not meta["lora"])
 
     for name, obj in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
@@ -636,8 +680,11 @@ def load_checkpoint(
                 f"checkpoint {step_dir} was saved without {name} state; cannot restore the "
                 f"{name} passed to load_checkpoint"
             )
+        saved = state[name]
+        if name == "optimizer":
+            saved = _shard_optimizer_state(saved, obj)
         try:
-            obj.load_state_dict(state[name])
+            obj.load_state_dict(saved)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(
                 f"checkpoint {step_dir}: {name} state does not fit the {name} passed: {e}"

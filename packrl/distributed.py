@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 
 def is_distributed() -> bool:
@@ -63,3 +63,46 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def gather_to_rank0(obj: Any) -> Any:
+    """A copy of a nested state (dicts, lists, tensors, plain values) with every tensor whole
+    and on CPU, on rank 0; None on the other ranks.
+
+    Sharded tensors are gathered one at a time (collectives, in the state's own order, which
+    is the same on every rank), and only rank 0 keeps them: the other ranks never hold a
+    second whole copy of the model or the optimizer.
+    """
+    _, rank = world()
+
+    def visit(x: Any) -> Any:
+        if isinstance(x, torch.Tensor):
+            whole = full_tensor(x.detach())
+            return whole.to("cpu", copy=True).contiguous() if rank == 0 else None
+        if isinstance(x, dict):
+            return {k: visit(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(visit(v) for v in x)
+        return x
+
+    out = visit(obj)
+    return out if rank == 0 else None
+
+
+def shard_like(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`whole` laid out as `like`: this rank's shard of it when `like` is an FSDP2 DTensor
+    (every rank holds `whole`, so each cuts its own shard: no communication), otherwise
+    `whole` on `like`'s device and dtype."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(
+            whole.to(like.device_mesh.device_type).to(like.dtype),
+            like.device_mesh,
+            like.placements,
+            src_data_rank=None,
+        )
+    return whole.to(device=like.device, dtype=like.dtype)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
