@@ -55,7 +55,11 @@ def main() -> None:
         max_batch_size=args.prompts * args.samples,
     )
     vllm_sampler = VLLMSampler(
-        checkpoint, stop_token_ids=tokenizer.stop_token_ids, max_model_len=max_len, seed=args.seed
+        native.model,
+        stop_token_ids=tokenizer.stop_token_ids,
+        checkpoint_dir=checkpoint,
+        max_model_len=max_len,
+        seed=args.seed,
     )
     import vllm  # VLLMSampler has imported it (or raised how to install it)
 
