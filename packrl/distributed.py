@@ -56,12 +56,12 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum over ranks of a short list of floats (one collective)."""
+def all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Element-wise "sum" or "max" over ranks of a short list of floats (one collective)."""
     if not is_distributed():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
     return t.tolist()
 
 

@@ -10,7 +10,6 @@ at a time.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -21,25 +20,56 @@ from torchtune.modules import TransformerDecoder
 from packrl.attention import packed_block_mask
 from packrl.packing import PackedBatch
 
-__all__ = ["packed_logprobs", "final_hidden_states", "chunked_token_logprobs"]
+__all__ = [
+    "packed_logprobs",
+    "forward_with_head",
+    "final_hidden_states",
+    "chunked_token_logprobs",
+]
 
 
-def _identity(h: torch.Tensor) -> torch.Tensor:
-    return h
+class _Head(nn.Module):
+    """Stands in for an untied output projection (a submodule) during one forward."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
 
 
-@contextmanager
-def _without_output_projection(model: TransformerDecoder):
-    """Make ``model(...)`` return final-norm hidden states instead of logits.
+def forward_with_head(
+    model: TransformerDecoder,
+    tokens: torch.Tensor,
+    positions: torch.Tensor | None,
+    mask: BlockMask | torch.Tensor | None,
+    head: Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
+) -> torch.Tensor:
+    """``model(tokens)`` with the output projection replaced by ``head(hidden, output)``,
+    where hidden [R, S, D] are the final-norm hidden states (in the model's dtype) and
+    ``output`` is the real projection. Returns what ``head`` returns, cast to float32.
 
-    Going through ``model.forward`` (rather than calling its layers one by one) keeps
-    FSDP's root hooks, compiled layers and activation-checkpoint wrappers working.
+    The head runs inside ``model.forward``, so under FSDP2 it sees the root's parameters
+    (embeddings, output projection) gathered, and compiled layers and activation-checkpoint
+    wrappers work as in a plain forward.
     """
+    if hasattr(model, "caches_are_enabled") and model.caches_are_enabled():
+        raise RuntimeError(
+            "the model's KV caches are enabled; run training/scoring forwards outside the "
+            "sampler's cache context (torchtune.modules.common_utils.disable_kv_cache)"
+        )
     output = model.output
+    dtype = model.tok_embeddings.weight.dtype
+
+    def fn(hidden: torch.Tensor) -> torch.Tensor:
+        # project in the model's dtype, as torchtune does (unembed casts the result to fp32)
+        return head(hidden.to(dtype), output)
+
     # a tied projection (TiedLinear) is a plain attribute, an untied one a submodule
-    model.output = nn.Identity() if isinstance(output, nn.Module) else _identity
+    model.output = _Head(fn) if isinstance(output, nn.Module) else fn
     try:
-        yield output
+        return model(tokens, mask=mask, input_pos=positions)
     finally:
         model.output = output
 
@@ -50,17 +80,12 @@ def final_hidden_states(
     positions: torch.Tensor | None,
     mask: BlockMask | torch.Tensor | None,
 ) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
-    """Hidden states after the final norm [R, S, D], and the output projection."""
-    if hasattr(model, "caches_are_enabled") and model.caches_are_enabled():
-        raise RuntimeError(
-            "the model's KV caches are enabled; run training/scoring forwards outside the "
-            "sampler's cache context (torchtune.modules.common_utils.disable_kv_cache)"
-        )
+    """Hidden states after the final norm [R, S, D] (model dtype), and the output projection
+    (one device only: under FSDP2 the projection is usable inside the forward only, see
+    :func:`forward_with_head`)."""
     dtype = model.tok_embeddings.weight.dtype
-    with _without_output_projection(model) as output:
-        hidden = model(tokens, mask=mask, input_pos=positions)
-    # unembed() casts to float32; project in the model's dtype, as torchtune does
-    return hidden.to(dtype), output
+    hidden = forward_with_head(model, tokens, positions, mask, lambda h, _: h)
+    return hidden.to(dtype), model.output
 
 
 def _chunk_logprobs(output, hidden, targets, temperature: float, with_entropy: bool):
@@ -125,17 +150,24 @@ def packed_logprobs(
     """
     if mask is None:
         mask = packed_block_mask(batch.group_ids, batch.parent_ids)
-    hidden, output = final_hidden_states(model, batch.tokens, batch.positions, mask)
     rows, cols = batch.trained.nonzero(as_tuple=True)  # N trained tokens
-    h = hidden[rows, batch.pred_pos[rows, cols]]  # [N, D]
-    lp, ent = chunked_token_logprobs(
-        output,
-        h,
-        batch.tokens[rows, cols],
-        temperature=temperature,
-        chunk_size=chunk_size,
-        with_entropy=with_entropy,
-    )
+    targets = batch.tokens[rows, cols]
+
+    def head(hidden: torch.Tensor, output) -> torch.Tensor:
+        """[R, S, D] -> logprobs [N], or [2, N] with entropy."""
+        h = hidden[rows, batch.pred_pos[rows, cols]]  # [N, D]
+        lp, ent = chunked_token_logprobs(
+            output,
+            h,
+            targets,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            with_entropy=with_entropy,
+        )
+        return lp if ent is None else torch.stack([lp, ent])
+
+    out = forward_with_head(model, batch.tokens, batch.positions, mask, head)
+    lp, ent = (out, None) if out.dim() == 1 else (out[0], out[1])
     logprobs = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=lp.device)
     logprobs = logprobs.index_put((rows, cols), lp)
     entropy = None

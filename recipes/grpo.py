@@ -1,6 +1,7 @@
-"""GRPO on packed multi-prompt sequences, one device, full fine-tuning or LoRA.
+"""GRPO on packed multi-prompt sequences, full fine-tuning or LoRA, on one device or many.
 
     tune run recipes/grpo.py --config tune_configs/smollm2_135m_arithmetic_full_cpu.yaml
+    tune run --nproc_per_node 8 recipes/grpo.py --config tune_configs/<config>.yaml
 
 Each step:
   1. take `prompts_per_step` rows from the task (seeded order, resumable position);
@@ -13,18 +14,25 @@ Each step:
   6. log, evaluate on held-out rows every `eval.every_n_steps`, checkpoint every
      `save_every_n_steps` and at the end.
 Full fine-tuning or LoRA follows from the model component: a LoRA builder trains adapters only.
+
+Under torchrun (FSDP2, see docs/distributed.md) every rank takes the same prompts, generates and
+scores every world_size-th of them (per-prompt seeds, so the samples are those of one process),
+and gathers all rollouts; each rank then packs the same batch and trains every world_size-th
+row. The loss weights come from the whole batch, so the summed gradient equals one device's.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
@@ -34,15 +42,28 @@ from packrl.advantages import group_advantages, uniform_groups
 from packrl.attention import packed_block_mask, use_packed_attention
 from packrl.checkpointing import load_checkpoint, save_checkpoint
 from packrl.config_schema import validate_config
+from packrl.distributed import all_reduce, full_tensor, gather_objects, world
 from packrl.logprobs import packed_logprobs
 from packrl.loss import LossStats, completion_loss_weights, grpo_loss
 from packrl.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
 from packrl.models.weights import load_base_weights
 from packrl.packing import GroupRollout, PackedBatch, pack_groups
 from packrl.reference import reference_for
-from packrl.rewards import RewardScorer, func_name
+from packrl.rewards import RewardScorer, RewardScores, func_name
+from packrl.rollout.base import Completion
 
 log = utils.get_logger("INFO")
+
+
+class Rollouts(NamedTuple):
+    """A step's generated and scored completions, prompt-major."""
+
+    completions: list[list[Completion]]  # [P][G]
+    texts: list[str]  # [P * G]
+    scores: RewardScores  # [P * G] each
+    accuracy: torch.Tensor  # [P * G]
+    generation_s: float  # this rank's time in the sampler
+    scoring_s: float  # this rank's scoring, plus waiting for and gathering the other ranks
 
 
 class GRPORecipe:
@@ -51,10 +72,19 @@ class GRPORecipe:
     def __init__(self, cfg: DictConfig) -> None:
         validate_config(cfg)  # every key known and typed, before anything heavy is built
         self.cfg = cfg
-        self.device = utils.get_device(cfg.device)
+        self.device = utils.get_device(cfg.device)  # under torchrun: this rank's device
+        if training.is_distributed() and not dist.is_initialized():  # launched by torchrun
+            dist.init_process_group(
+                training.get_distributed_backend(
+                    self.device.type, offload_ops_to_cpu=self.device.type != "cpu"
+                )  # GPU: NCCL, plus gloo for CPU tensors (gathered objects); CPU: gloo
+            )
+        self.world_size, self.rank = world()
+        self.is_rank_zero = self.rank == 0
         self.dtype = training.get_dtype(cfg.dtype, device=self.device)
         self.output_dir = Path(cfg.output_dir)
-        self.seed = training.set_seed(cfg.seed)
+        # Data order and sampling seeds follow rank 0's seed on every rank (seed: null draws one).
+        self.seed = gather_objects(training.set_seed(cfg.seed))[0]
         self.max_steps = cfg.max_steps
         g = cfg.grpo
         self.prompts_per_step = g.prompts_per_step
@@ -79,6 +109,12 @@ class GRPORecipe:
                 "`python tools/prepare_smollm2.py` (setup.sh does); for Qwen2.5 download the HF "
                 "model there (see the config's header), or set model_dir=<your HF model dir>."
             )
+        if self.world_size > 1 and cfg.grpo.get("reference_on_cpu", False):
+            raise ValueError(
+                "grpo.reference_on_cpu: true applies to one device. Under torchrun the reference "
+                "is sharded across the ranks like the policy, which divides its memory by the "
+                "number of ranks; set grpo.reference_on_cpu: false."
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = config.instantiate(cfg.tokenizer)
         self.model, self.is_lora = self._setup_model()
@@ -96,6 +132,11 @@ class GRPORecipe:
             beta=self.beta,
             offload_to_cpu=cfg.grpo.get("reference_on_cpu", False),
         )
+        if self.world_size > 1:
+            # After the sampler and the reference copied what they need of the whole model.
+            self._shard(self.model)
+            if self.reference is not None and self.reference.model is not self.model:
+                self._shard(self.reference.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = config.instantiate(cfg.optimizer, trainable)
         self.lr_scheduler = config.instantiate(
@@ -105,14 +146,17 @@ class GRPORecipe:
         )
         if cfg.get("resume_from_checkpoint", False):
             self._resume()
+        self.activations_ctx = self._activation_offloading()
+        if not self.is_rank_zero:
+            return  # rank 0 alone logs
         self.metric_logger = config.instantiate(cfg.metric_logger)
         self.metric_logger.log_config(cfg)
         self.metrics_file = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.samples_file = JsonlWriter(self.output_dir / "completions.jsonl")
-        self.activations_ctx = self._activation_offloading()
         log.info(
             f"GRPO: {'LoRA' if self.is_lora else 'full'} fine-tuning of "
             f"{sum(p.numel() for p in trainable) / 1e6:.1f}M parameters on {self.device} "
+            f"{f'x {self.world_size} ranks (FSDP2) ' if self.world_size > 1 else ''}"
             f"({cfg.dtype}), task {self.task.name!r} ({len(self.task.train)} train / "
             f"{len(self.task.eval)} eval rows), reference: "
             f"{'none (beta = 0)' if self.reference is None else type(self.reference).__name__}"
@@ -140,6 +184,15 @@ class GRPORecipe:
             )
         use_packed_attention(model)
         return model, is_lora
+
+    def _shard(self, model: torch.nn.Module) -> None:
+        """FSDP2: shard each transformer layer, then the rest (embeddings, norm, output)."""
+        training.shard_model(
+            model,
+            [lambda name, m: isinstance(m, modules.TransformerSelfAttentionLayer)],
+            cpu_offload=False,
+            reshard_after_forward=True,
+        )
 
     def _setup_scorer(self) -> RewardScorer:
         """The task's reward functions and weights, unless the config names its own."""
@@ -204,6 +257,53 @@ class GRPORecipe:
             accuracy = self.accuracy_scorer(prompts, texts, columns).total
         return texts, scores, accuracy
 
+    def rollout(self, rows: list[dict[str, Any]], seeds: list[int], **sampling: Any) -> Rollouts:
+        """Generate and score `num_samples` completions for each row (prompt-major).
+
+        Each rank generates and scores every world_size-th row, and the parts are gathered,
+        so every rank returns all of them. Row i samples with seed `seeds[i]`, so the result
+        does not depend on the number of ranks.
+        """
+        t0 = time.perf_counter()
+        mine = list(range(self.rank, len(rows), self.world_size))
+        part = None
+        if mine:
+            local_rows = [rows[i] for i in mine]
+            completions = self.sampler.generate(
+                self.prompt_ids(local_rows), seed=[seeds[i] for i in mine], **sampling
+            )
+            generation_s = time.perf_counter() - t0
+            part = (mine, completions, *self.score(local_rows, completions))
+        else:
+            generation_s = 0.0
+        by_row: dict[int, tuple] = {}
+        failures: dict[str, int] = {}
+        for got in gather_objects(part):
+            if got is None:
+                continue
+            idx, completions, texts, scores, accuracy = got
+            G = len(texts) // len(idx)
+            for j, i in enumerate(idx):
+                cut = slice(j * G, (j + 1) * G)
+                per_func = {k: v[cut] for k, v in scores.per_func.items()}
+                by_row[i] = (completions[j], texts[cut], scores.total[cut], per_func, accuracy[cut])
+            for name, n in scores.failures.items():
+                failures[name] = failures.get(name, 0) + n
+        ordered = [by_row[i] for i in range(len(rows))]
+        scores = RewardScores(
+            total=torch.cat([r[2] for r in ordered]),
+            per_func={k: torch.cat([r[3][k] for r in ordered]) for k in ordered[0][3]},
+            failures=failures,
+        )
+        return Rollouts(
+            completions=[r[0] for r in ordered],
+            texts=[t for r in ordered for t in r[1]],
+            scores=scores,
+            accuracy=torch.cat([r[4] for r in ordered]),
+            generation_s=generation_s,
+            scoring_s=time.perf_counter() - t0 - generation_s,
+        )
+
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:
         eval_cfg = self.cfg.get("eval", {})
@@ -211,7 +311,13 @@ class GRPORecipe:
         save_every = self.cfg.get("save_every_n_steps")
         if self.step == 0 and eval_cfg.get("at_start", False):
             self._log(self.evaluate(), self.step)
-        bar = tqdm(total=self.max_steps, initial=self.step, desc="GRPO", unit="step")
+        bar = tqdm(
+            total=self.max_steps,
+            initial=self.step,
+            desc="GRPO",
+            unit="step",
+            disable=not self.is_rank_zero,
+        )
         while self.step < self.max_steps:
             metrics = self.train_step()
             self.step += 1
@@ -235,22 +341,20 @@ class GRPORecipe:
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
 
-        # 1-2. prompts and rollouts. The sampling seed depends only on (seed, step): resumable.
+        # 1-3. prompts, rollouts and rewards [P, G]. Sampling seeds depend only on (seed, step,
+        # prompt): resumable, and the same for any number of ranks.
         rows = self.next_rows(P)
         prompts = self.prompt_ids(rows)
-        completions = self.sampler.generate(
-            prompts,
+        out = self.rollout(
+            rows,
+            [_prompt_seed(self.seed, self.step, p) for p in range(P)],
             num_samples=G,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=g.get("top_p", 1.0),
             top_k=g.get("top_k"),
-            seed=self.seed * 100_003 + self.step,
         )
-        t_gen = time.perf_counter()
-
-        # 3. rewards [P, G]
-        texts, scores, accuracy = self.score(rows, completions)
+        completions, texts, scores, accuracy = out.completions, out.texts, out.scores, out.accuracy
         rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(P, G)
         t_score = time.perf_counter()
 
@@ -285,6 +389,7 @@ class GRPORecipe:
                 pad_id=self.tokenizer.pad_id,
             )
             stats, train_metrics = self.update(batch)
+            self.sampler.sync_weights(self.model)  # the next rollout samples the new policy
         t_train = time.perf_counter()
 
         # 6. metrics
@@ -300,11 +405,11 @@ class GRPORecipe:
                 "completion_len/min": float(min(lengths_all)),
                 "completion_len/max": float(max(lengths_all)),
                 "truncated_frac": 1.0 - sum(finished) / len(finished),
-                "time/generation_s": t_gen - t0,
-                "time/scoring_s": t_score - t_gen,
-                "time/training_s": t_train - t_score,
+                "time/generation_s": out.generation_s,  # this rank's share (rank 0 logs)
+                "time/scoring_s": out.scoring_s,  # incl. gathering the ranks' rollouts
+                "time/training_s": t_train - t_score,  # incl. pushing weights to the sampler
                 "time/step_s": t_train - t0,
-                "tokens_per_s/generation": sum(lengths_all) / max(t_gen - t0, 1e-9),
+                "tokens_per_s/generation": sum(lengths_all) / max(out.generation_s, 1e-9),
                 "lr": lr,
             }
         )
@@ -319,25 +424,35 @@ class GRPORecipe:
         """`num_passes` optimizer steps over a packed batch, in micro-batches of rows.
 
         The loss is a weighted sum whose weights already hold the aggregation, so summing the
-        micro-batch gradients gives exactly the full-batch gradient.
+        micro-batch gradients (and, under FSDP, the ranks' gradients) gives exactly the
+        full-batch gradient. Each rank trains every world_size-th row.
+
+        Every rank must run the same number of forward/backward passes, since each one gathers
+        and reduces the FSDP shards; a rank short of rows runs a filler micro-batch (a real
+        row whose loss mask is empty: zero gradient, no stats).
         """
         self.model.train()
         rows_per_mb = max(1, self.tokens_per_micro_batch // self.row_len)
         num_rows = batch.tokens.shape[0]
-        micro_batches = [
-            list(range(i, min(i + rows_per_mb, num_rows))) for i in range(0, num_rows, rows_per_mb)
+        mine = list(range(self.rank, num_rows, self.world_size))
+        micro_batches: list[list[int] | None] = [
+            mine[i : i + rows_per_mb] for i in range(0, len(mine), rows_per_mb)
         ]
+        rows_per_rank = -(-num_rows // self.world_size)
+        micro_batches += [None] * (-(-rows_per_rank // rows_per_mb) - len(micro_batches))
         chunk = self.cfg.packing.get("logprob_chunk_size", 1024)
         clip = self.cfg.get("clip_grad_norm")
         g = self.cfg.grpo
         t_ref = t_policy = 0.0
         trained_tokens = 0
         entropy_sum = 0.0
+        drift_sum, drift_max = 0.0, 0.0
         grad_norm = float("nan")
-        for _ in range(self.num_passes):
+        for pass_idx in range(self.num_passes):
             stats = None
             for idx in micro_batches:
-                mb = batch.select_rows(idx).to(self.device)
+                mb = batch.select_rows(idx or [mine[0] if mine else 0]).to(self.device)
+                loss_mask = mb.trained if idx else torch.zeros_like(mb.trained)
                 mask = packed_block_mask(mb.group_ids, mb.parent_ids)  # policy and reference
                 t = time.perf_counter()
                 ref = None
@@ -363,34 +478,49 @@ class GRPORecipe:
                     mb.behaviour_logprobs,
                     mb.advantages,
                     mb.loss_weights,
-                    mb.trained,
+                    loss_mask,
                     ref,
                     epsilon_low=g.get("epsilon_low", 0.2),
                     epsilon_high=g.get("epsilon_high", 0.2),
                     beta=self.beta,
                 )
-                loss.backward()
+                # FSDP averages the ranks' gradients; the loss weights want their sum.
+                (loss * self.world_size).backward()
                 t_policy += time.perf_counter() - t
                 stats = mb_stats if stats is None else stats + mb_stats
                 if entropy is not None:
-                    entropy_sum += float(entropy.detach()[mb.trained].sum())
-                trained_tokens += int(mb.trained.sum())
+                    entropy_sum += float(entropy.detach()[loss_mask].sum())
+                trained_tokens += int(loss_mask.sum())
+                if pass_idx == 0:  # before any update: how far the sampler is from the trainer
+                    drift = (logprobs.detach() - mb.behaviour_logprobs)[loss_mask].abs()
+                    drift_sum += float(drift.sum())
+                    drift_max = max(drift_max, float(drift.max())) if drift.numel() else drift_max
             if clip is not None:
                 grad_norm = float(
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in self.model.parameters() if p.requires_grad], clip
+                    full_tensor(
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for p in self.model.parameters() if p.requires_grad], clip
+                        )
                     )
                 )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-        return stats, {
-            "entropy": entropy_sum / max(trained_tokens, 1),
+        tokens, entropy_sum, drift_sum = all_reduce(
+            [trained_tokens, entropy_sum, drift_sum], self.device
+        )
+        (drift_max,) = all_reduce([drift_max], self.device, op="max")
+        first_pass_tokens = max(tokens / self.num_passes, 1.0)
+        return stats.all_reduce(), {
+            "entropy": entropy_sum / max(tokens, 1.0),
             "grad_norm": grad_norm,
+            # |trainer - sampler| logprob of the sampled tokens, before the update
+            "rollout/logprob_drift": drift_sum / first_pass_tokens,
+            "rollout/logprob_drift_max": drift_max,
             "time/reference_s": t_ref,
             "time/policy_s": t_policy,
-            "tokens_per_s/training": trained_tokens / max(t_policy, 1e-9),
+            "tokens_per_s/training": tokens / max(t_policy, 1e-9),
             "packing/rows": float(batch.stats.rows),
             "packing/positions": float(batch.stats.positions),
             "packing/padded_positions": float(batch.stats.padded_positions),
@@ -404,7 +534,7 @@ class GRPORecipe:
     ) -> dict[str, float]:
         """Accuracy on the task's held-out rows at fixed sampling settings (default: greedy).
 
-        Uses a fixed seed, so two evaluations of the same weights give the same numbers."""
+        Uses fixed seeds, so two evaluations of the same weights give the same numbers."""
         e = self.cfg.get("eval", {})
         temperature = e.get("temperature", 0.0) if temperature is None else temperature
         num_samples = e.get("num_samples", 1) if num_samples is None else num_samples
@@ -413,16 +543,16 @@ class GRPORecipe:
             rows = rows[: e.num_rows]
         if not rows:
             return {}
-        completions = self.sampler.generate(
-            self.prompt_ids(rows),
+        out = self.rollout(
+            rows,
+            [_prompt_seed(self.seed, -1, i) for i in range(len(rows))],
             num_samples=num_samples,
             max_new_tokens=e.get("max_new_tokens") or self.max_new_tokens,
             temperature=temperature,
             top_p=1.0,
             top_k=None,
-            seed=self.seed,
         )
-        _, scores, accuracy = self.score(rows, completions)
+        scores, accuracy = out.scores, out.accuracy
         suffix = "" if temperature == 0 else "_sampled"
         return {
             f"eval/accuracy{suffix}": float(accuracy.mean()),
@@ -440,13 +570,15 @@ class GRPORecipe:
         return out
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
-        if not metrics:
+        if not metrics or not self.is_rank_zero:
             return
         self.metric_logger.log_dict(metrics, step=step)
         self.metrics_file.write({"step": step, **metrics})
 
     def _log_completions(self, rows, completions, texts, scores) -> None:
         """Append the first `log_num_completions` completions of this step to completions.jsonl."""
+        if not self.is_rank_zero:
+            return
         n = self.cfg.get("log_num_completions", 4)
         G = self.group_size
         for i in range(min(n, len(texts))):
@@ -466,7 +598,8 @@ class GRPORecipe:
     def save_checkpoint(self, final: bool = False) -> Path:
         """Write `output_dir/checkpoints/step_N` atomically: HF safetensors (LoRA: PEFT
         adapters, plus the merged model at the end of the run), optimizer, LR schedule, RNG
-        and data position, so that `resume_from_checkpoint: true` continues exactly."""
+        and data position, so that `resume_from_checkpoint: true` continues exactly. Under
+        torchrun every rank calls it and rank 0 writes one consolidated checkpoint."""
         self.last_checkpoint = save_checkpoint(
             self.output_dir / "checkpoints",
             self.step,
@@ -492,9 +625,14 @@ class GRPORecipe:
         )
         self.step = state["step"]
         self.data_position = int(state["data_state"]["data_position"])
+        self.sampler.sync_weights(self.model)
         log.info(f"resumed from {state['path']} at step {self.step}")
 
     def cleanup(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        if not self.is_rank_zero:
+            return
         self.metric_logger.close()
         self.metrics_file.close()
         self.samples_file.close()
@@ -515,6 +653,12 @@ class GRPORecipe:
 def _epoch_order(seed: int, num: int) -> list[int]:
     """The order of the training rows in one epoch: a permutation fixed by its seed."""
     return torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of prompt `index` at `step` (-1: evaluation), in [0, 2**56)."""
+    key = f"{seed}:{step}:{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
 
 
 def _std(x: torch.Tensor) -> float:

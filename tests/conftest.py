@@ -1,5 +1,8 @@
 """Shared pytest fixtures."""
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -35,3 +38,37 @@ def smollm2_tokenizer(smollm2_dir):
     from packrl.models import ChatTokenizer
 
     return ChatTokenizer.from_dir(smollm2_dir)
+
+
+# A random 2-layer llama with SmolLM2's tokenizer and vocabulary, for fast recipe runs.
+TINY_ARCH = dict(
+    vocab_size=49152, num_layers=2, num_heads=4, num_kv_heads=2, embed_dim=64,
+    max_seq_len=512, intermediate_dim=128, rope_base=100_000, scale_factor=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_dir):
+    """An HF dir with a random 2-layer llama (SmolLM2's tokenizer and vocabulary)."""
+    import shutil
+
+    from safetensors.torch import save_file
+    from torchtune.models import convert_weights
+    from torchtune.models.llama3_2 import llama3_2
+
+    out = tmp_path_factory.mktemp("tiny_llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(Path(smollm2_dir) / name, out / name)
+    torch.manual_seed(0)
+    model = llama3_2(**TINY_ARCH)
+    with torch.no_grad():  # small tied embeddings: flat next-token distributions, varied samples
+        model.tok_embeddings.weight.normal_(0.0, 0.02)
+    sd = convert_weights.tune_to_hf(model.state_dict(), num_heads=4, num_kv_heads=2, dim=64)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(out / "model.safetensors"))
+    config = {
+        "model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 2,
+        "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+        "vocab_size": 49152, "tie_word_embeddings": True, "torch_dtype": "float32",
+    }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(config))
+    return out

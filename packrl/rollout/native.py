@@ -17,6 +17,7 @@ are dropped when the next one starts. The caches are torchtune's (``local_kv_cac
 deleted when a chunk ends, so training forwards afterwards see a plain model.
 """
 
+import copy
 import random
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ from torchtune.modules.common_utils import local_kv_cache
 from torchtune.modules.kv_cache import KVCache
 from tqdm.auto import tqdm
 
-from packrl.distributed import full_parameters
+from packrl.distributed import full_parameters, world
 from packrl.rollout.base import Completion
 
 
@@ -36,7 +37,9 @@ class NativeSampler:
 
     Args:
         model: a torchtune ``TransformerDecoder`` (plain, LoRA, activation-checkpointed).
-            It is switched to eval mode during ``generate`` and restored afterwards.
+            It is switched to eval mode during ``generate`` and restored afterwards. Under
+            torchrun (world size > 1) the sampler keeps its own unsharded copy: build it
+            before sharding the policy, and call ``sync_weights`` after each update.
         stop_token_ids: a sequence ends when it samples one of these (the token is kept).
         pad_id: token used for left padding and for rows that already finished; never attended.
         max_batch_size: most sequences (prompts x samples) decoded together.
@@ -60,7 +63,9 @@ class NativeSampler:
                 raise ValueError(f"{name}: token ids must be ints in [0, {vocab_size}), got {ids}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
-        self.model = model
+        # Under torchrun the recipe shards the policy after building the sampler; decoding
+        # then runs on this unsharded copy, refreshed by sync_weights after each update.
+        self.model = copy.deepcopy(model) if world()[0] > 1 else model
         self.stop_token_ids = list(stop_token_ids)
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
