@@ -85,7 +85,8 @@ def engine(smollm2_dir, smollm2_model):
         seed=0,
     )
     STARTUP["rng_after"] = torch.get_rng_state()
-    return sampler
+    yield sampler
+    sampler.close()
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +97,11 @@ def lora_policy(smollm2_dir):
 @pytest.fixture(scope="module")
 def lora_engine(smollm2_dir, lora_policy):
     pytest.importorskip("vllm", reason=NEEDS_VLLM)
-    return VLLMSampler(
+    sampler = VLLMSampler(
         lora_policy, stop_token_ids=STOP, checkpoint_dir=smollm2_dir, max_model_len=MAX_MODEL_LEN
     )
+    yield sampler
+    sampler.close()
 
 
 # ----------------------------------------------------------------------------- without vLLM

@@ -388,6 +388,13 @@ class VLLMSampler:
             self.llm.llm_engine.remove_lora(self._lora_request.lora_int_id)
         self._lora_request = request
 
+    def close(self) -> None:
+        """Shuts the engine down and frees its memory. vLLM's teardown also destroys the
+        default process group (under torchrun the trainer's; alone, the one vLLM made), so
+        call it last, in place of ``dist.destroy_process_group()``. Without it vLLM tears
+        down at interpreter exit, and fails noisily if the group was destroyed before."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def sleep(self) -> None:
         """GPU with ``sleep_between_rollouts``: offloads the weights to CPU and frees the KV
         cache (vLLM sleep level 1) for the training pass. Otherwise a no-op."""
