@@ -3,7 +3,9 @@
 Each test runs `tune run recipes/grpo.py --config tune_configs/..._cpu_vllm.yaml` for 2 steps
 in a subprocess of the same Python (so of the venv that has vLLM), with the tiny settings of
 tests/test_recipe.py and a reward that differs between almost any two texts, so that every
-step updates the weights and step 2 samples from weights vLLM got through ``sync_weights``.
+step updates the weights and step 2 samples from weights vLLM got through ``sync_weights``:
+full fine-tuning in one process, LoRA under torchrun with 2 processes (gloo, FSDP2-sharded
+policy, one vLLM engine per rank, adapters gathered from the shards).
 Marked ``vllm``: skipped where vLLM is not installed.
 """
 
@@ -49,13 +51,15 @@ def _needs_vllm():
     pytest.importorskip("vllm", reason="vLLM is not installed (./setup.sh --vllm installs it)")
 
 
-def _tune(config: str, out: Path, *overrides: str) -> str:
+def _tune(config: str, out: Path, *overrides: str, nproc: int = 1) -> str:
     env = dict(os.environ)
     # The project root before site-packages (torchtune ships a package named `recipes`), and
     # tests/ for the test reward.
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
     env.setdefault("OMP_NUM_THREADS", "1")  # see tests/test_recipe.py
-    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run", "recipes/grpo.py"]
+    cmd = [sys.executable, "-m", "torchtune._cli.tune", "run"]
+    cmd += [f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    cmd += ["recipes/grpo.py"]
     cmd += ["--config", f"tune_configs/{config}", f"output_dir={out}", *TINY, *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"tune run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -91,10 +95,12 @@ def test_full_run_with_vllm(tmp_path, smollm2_dir, smollm2_model):
     assert any(not torch.equal(base[k], new[k]) for k in base)
 
 
-def test_lora_run_with_vllm(tmp_path, smollm2_dir):
+def test_lora_run_with_vllm_on_two_ranks(tmp_path, smollm2_dir):
     out = tmp_path / "lora"
-    log = _tune("smollm2_135m_arithmetic_lora_cpu_vllm.yaml", out, f"model_dir={smollm2_dir}")
-    assert "LoRA fine-tuning" in log
+    log = _tune(
+        "smollm2_135m_arithmetic_lora_cpu_vllm.yaml", out, f"model_dir={smollm2_dir}", nproc=2
+    )
+    assert "LoRA fine-tuning" in log and "x 2 ranks (FSDP2)" in log
     _check_steps(out)
     step2 = out / "checkpoints" / "step_2"
     assert json.loads((step2 / "adapter_config.json").read_text())["r"] == 16
