@@ -164,8 +164,13 @@ class GRPORecipe:
 
     def _setup_model(self) -> tuple[torch.nn.Module, bool]:
         cfg = self.cfg
-        with training.set_default_dtype(self.dtype), self.device:
-            model = config.instantiate(cfg.model)
+        # Weights the checkpoint does not hold (LoRA adapters) start from the run's seed, not
+        # the rank's: FSDP keeps each rank's own slice, so the ranks must agree before sharding.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            with training.set_default_dtype(self.dtype), self.device:
+                model = config.instantiate(cfg.model)
         checkpointer = config.instantiate(cfg.checkpointer)
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         load_base_weights(
@@ -629,6 +634,8 @@ class GRPORecipe:
         log.info(f"resumed from {state['path']} at step {self.step}")
 
     def cleanup(self) -> None:
+        # First: vLLM's teardown destroys the default process group itself.
+        self.sampler.close()
         if dist.is_initialized():
             dist.destroy_process_group()
         if not self.is_rank_zero:

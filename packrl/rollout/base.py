@@ -1,5 +1,6 @@
 """What every sampling engine returns and offers (native KV-cache sampler, vLLM)."""
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,14 +35,18 @@ class Sampler(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int | None = None,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         progress: bool = False,
     ) -> list[list[Completion]]:
-        """Returns completions indexed [prompt][sample]."""
+        """Returns completions indexed [prompt][sample]; `seed` is one seed or one per prompt."""
         ...
 
     def sync_weights(self, policy: nn.Module) -> None:
         """Serve `policy`'s current weights from now on. The recipe calls it after every
         optimizer step and after resuming. `policy` may be FSDP-sharded: then every rank
         calls it (the whole tensors are gathered collectively)."""
+        ...
+
+    def close(self) -> None:
+        """Release the engine (the recipe calls it last, at cleanup)."""
         ...

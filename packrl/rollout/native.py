@@ -234,6 +234,9 @@ class NativeSampler:
             h = layer(h, mask=mask, input_pos=input_pos)
         return model.output(model.norm(h[:, -1])).float()  # [B, V]
 
+    def close(self) -> None:
+        """Nothing to release: the sampling model is the policy or a plain copy of it."""
+
     @torch.no_grad()
     def sync_weights(self, policy: nn.Module) -> None:
         """Copy `policy`'s trainable weights into the sampling model, unless it is the policy
