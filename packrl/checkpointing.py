@@ -161,6 +161,38 @@ def hf_to_tune(state_dict: dict, model_type: str, config: dict) -> dict:
     )
 
 
+def _rope_rows_to_hf(t: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:
+    """Output rows of a q/k projection ([out, ...], out = n_heads * head_dim) from torchtune's
+    RoPE layout (per head, interleaved pairs) to HF's (per head, two halves), the permutation
+    ``convert_weights.tune_to_hf`` applies to the q/k weights."""
+    return t.reshape(n_heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(t.shape)
+
+
+def tune_to_peft(adapter: dict[str, torch.Tensor], model_type: str, config: dict) -> dict:
+    """LoRA/DoRA adapter weights, torchtune keys -> PEFT keys, with rows in the layout of the
+    HF base weights that ``tune_to_hf`` writes for ``model_type``, so PEFT and vLLM apply them
+    to the right outputs.
+
+    torchtune's ``tune_to_peft_adapter_weights`` gives the names, but its layout is right only
+    for LoRA on Llama-layout models: it permutes q/k ``lora_B`` rows even for Qwen2, whose
+    converter permutes nothing, and it never permutes DoRA magnitudes (one per output row).
+    """
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    heads = {"q_proj": config["num_attention_heads"], "k_proj": config["num_key_value_heads"]}
+    names = convert_weights.tune_to_peft_adapter_weights(
+        adapter, **_head_args(config), head_dim=config.get("head_dim")
+    )
+    peft = {}
+    for (key, value), name in zip(adapter.items(), names, strict=True):
+        # layers.0.attn.q_proj.lora_b.weight or layers.0.attn.q_proj.magnitude
+        module = key.removesuffix(".weight").split(".")[-2]
+        per_output_row = key.endswith(("lora_b.weight", "magnitude"))
+        if model_type in _GENERIC_TYPES and module in heads and per_output_row:
+            value = _rope_rows_to_hf(value, heads[module], head_dim)
+        peft[name] = value
+    return peft
+
+
 def _lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     """LoRA/DoRA modules by name (activation-checkpoint wrapper prefixes removed)."""
     out = {}
@@ -369,9 +401,7 @@ def _write_checkpoint_files(
         files += _save_safetensors_shards(hf, tmp, max_shard_bytes)
         files += _copy_source_files(source, tmp)
     if adapter:
-        peft = convert_weights.tune_to_peft_adapter_weights(
-            adapter, **_head_args(config), head_dim=config.get("head_dim")
-        )
+        peft = tune_to_peft(adapter, model_type, config)
         save_file({k: v.contiguous() for k, v in peft.items()}, tmp / PEFT_WEIGHTS_FILE)
         _write_json(tmp / PEFT_CONFIG_FILE, peft_adapter_config(model, str(source.resolve())))
         files += [PEFT_WEIGHTS_FILE, PEFT_CONFIG_FILE]

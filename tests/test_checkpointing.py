@@ -211,26 +211,88 @@ def test_full_checkpoint_loads_in_transformers(source_dir, tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+QWEN2_DIMS = dict(
+    vocab_size=64,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    embed_dim=32,
+    intermediate_dim=64,
+    max_seq_len=64,
+    tie_word_embeddings=True,
+)
+QWEN2_CONFIG = {
+    **{k: v for k, v in HF_CONFIG.items() if k != "head_dim"},
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "rope_theta": 1_000_000.0,
+    "use_sliding_window": False,
+}
+
+
+def tiny_adapted(model_type: str, use_dora: bool, seed: int = 0):
+    """A tiny LoRA/DoRA model on q/k/v and the MLP, and its base weights' HF config."""
+    from torchtune.models.qwen2._component_builders import lora_qwen2
+
+    torch.manual_seed(seed)
+    if model_type == "QWEN2":
+        model = lora_qwen2(
+            LORA["lora_attn_modules"],
+            apply_lora_to_mlp=True,
+            lora_rank=4,
+            lora_alpha=8.0,
+            use_dora=use_dora,
+            **QWEN2_DIMS,
+        )
+        return model, QWEN2_CONFIG
+    return lora_llama3_2(**LORA, lora_rank=4, lora_alpha=8.0, use_dora=use_dora, **DIMS), HF_CONFIG
+
+
+# Not QWEN2 + DoRA: torchtune's DoRALinear scales the bias (Qwen2 has q/k/v biases) by the
+# magnitude ratio, PEFT and torchtune's own merge do not, so no PEFT adapter can match it.
 @pytest.mark.slow
-def test_lora_adapter_loads_in_peft(source_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "model_type, use_dora",
+    [("LLAMA3_2", False), ("LLAMA3_2", True), ("QWEN2", False)],
+    ids=["llama-lora", "llama-dora", "qwen2-lora"],
+)
+def test_adapter_loads_in_peft(model_type, use_dora, tmp_path, monkeypatch):
+    """transformers + peft, given the base dir and the saved adapter, reproduce the torchtune
+    model's logits: the PEFT keys and the row layout of q/k lora_B (and DoRA magnitudes) fit
+    the HF base weights of each model type (Llama: RoPE rows permuted; Qwen2: not)."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     # torchtune pins torchao 0.13; peft's optional torchao layers want >= 0.16 and raise on
     # import checks. They play no part in plain LoRA, so report torchao as absent.
     monkeypatch.setattr("peft.tuners.lora.torchao.is_torchao_available", lambda: False)
-    model = load_source(tiny(lora=True), source_dir).eval()
+    model, config = tiny_adapted(model_type, use_dora)
+    base_sd = {k: v for k, v in model.state_dict().items() if "lora_" not in k}
+    base_sd = {k: v for k, v in base_sd.items() if not k.endswith("magnitude")}
+    src = tmp_path / "source"
+    src.mkdir()
+    hf = checkpointing.tune_to_hf(base_sd, model_type, config)
+    save_file({k: v.contiguous() for k, v in hf.items()}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps(config))
+    model.eval()
     with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "initialize_dora_magnitude"):
+                module.initialize_dora_magnitude()
         for n, p in model.named_parameters():
-            if "lora_b" in n:
+            if "lora_b" in n:  # zero at init: nonzero so a wrong layout changes the logits
                 p.normal_(std=0.1)
+            if n.endswith("magnitude"):
+                p.mul_(1 + 0.1 * torch.randn_like(p))
     step_dir = save_checkpoint(
-        tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir, adapter_only=True
+        tmp_path / "out", 1, model=model, source_checkpoint_dir=src, adapter_only=True
     )
-    base = transformers.LlamaForCausalLM.from_pretrained(source_dir)
+    arch = transformers.Qwen2ForCausalLM if model_type == "QWEN2" else transformers.LlamaForCausalLM
+    base = arch.from_pretrained(src, dtype=torch.float32)
     hf_model = peft.PeftModel.from_pretrained(base, step_dir).eval()
     with torch.no_grad():
         expected = model(TOKENS)
         got = hf_model(input_ids=TOKENS).logits
+    # fp32: measured max |diff| <= 8e-6 here; a wrong q/k layout was off by 0.46-1.1.
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     with torch.no_grad(), hf_model.disable_adapter():
         assert (hf_model(input_ids=TOKENS).logits - expected).abs().max() > 1e-2
