@@ -41,7 +41,6 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torchtune.models import convert_weights
 from torchtune.modules.peft import get_adapter_params
 
 from packrl.checkpointing import (
@@ -51,6 +50,7 @@ from packrl.checkpointing import (
     read_hf_config,
     resolve_model_type,
     tune_to_hf,
+    tune_to_peft,
 )
 from packrl.distributed import full_parameters, full_tensor, world
 from packrl.rollout.base import Completion
@@ -331,18 +331,7 @@ class VLLMSampler:
 
     def _sync_adapter(self, adapters: dict[str, nn.Parameter]) -> None:
         adapter = {_plain_name(n): full_tensor(p.detach()) for n, p in adapters.items()}
-        peft = convert_weights.tune_to_peft_adapter_weights(
-            adapter,
-            num_heads=self.config["num_attention_heads"],
-            num_kv_heads=self.config["num_key_value_heads"],
-            dim=self.config["hidden_size"],
-            head_dim=self.config.get("head_dim"),
-        )
-        if self.model_type == "QWEN2":
-            # The converter permutes q/k lora_B rows into HF's RoPE layout, as the Llama
-            # weight converter does; torchtune's Qwen2 already uses HF's layout (its weight
-            # converter permutes nothing), so keep the names and take the tensors unpermuted.
-            peft = {k: adapter[t] for t, k in zip(adapter, peft, strict=True)}
+        peft = tune_to_peft(adapter, self.model_type, self.config)
         version = Path(self._adapter_tmp.name) / f"v{self._next_lora_id}"
         version.mkdir()
         save_file(
