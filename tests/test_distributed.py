@@ -10,6 +10,7 @@ two updates agree to 1e-3 of the update's size (measured: about 1e-5).
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,19 +50,35 @@ def _config(path: Path, out: Path, **settings) -> Path:
     return path
 
 
-def _tune(config: Path, nproc: int = 1) -> None:
+def _tune(config: Path, nproc: int = 1, nodes: int = 1) -> None:
+    """`tune run` with `nproc` ranks per node; with `nodes` > 1, one launcher per "node", all on
+    127.0.0.1, meeting through torchrun's c10d rendezvous as separate machines do."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     launch = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
-    proc = subprocess.run(
-        [TUNE, "run", *launch, "recipes/grpo.py", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, f"tune run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    if nodes > 1:
+        port = _free_port()
+        launch = [
+            *("--nnodes", str(nodes), "--nproc_per_node", str(nproc)),
+            *("--rdzv_id", "packrl-test", "--rdzv_backend", "c10d"),
+            *("--rdzv_endpoint", f"127.0.0.1:{port}"),
+        ]
+    cmd = [TUNE, "run", *launch, "recipes/grpo.py", "--config", str(config)]
+    # Logs go to files: a launcher blocked on a full pipe would stall the others' collectives.
+    logs = [config.with_suffix(f".node{i}.log") for i in range(nodes)]
+    procs = []
+    for log in logs:
+        with log.open("w") as f:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=f))
+    for proc, log in zip(procs, logs, strict=True):
+        proc.wait(timeout=900)
+        assert proc.returncode == 0, f"tune run failed:\n{log.read_text()[-8000:]}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _metrics(out: Path) -> dict[int, dict]:
@@ -81,7 +98,8 @@ def _assert_same_step(one: dict, two: dict) -> None:
 
 @pytest.mark.slow
 def test_two_ranks_train_like_one_process_smollm2(tmp_path, smollm2_dir):
-    """Full fine-tuning of SmolLM2 with a KL term (so the sharded reference runs too)."""
+    """Full fine-tuning of SmolLM2 with a KL term (so the sharded reference runs too), the two
+    ranks launched as two single-rank nodes (the multi-node path)."""
     settings = {
         "max_steps": 1,
         "grpo.beta": 0.05,
@@ -89,7 +107,7 @@ def test_two_ranks_train_like_one_process_smollm2(tmp_path, smollm2_dir):
     }
     one, two = tmp_path / "one", tmp_path / "two"
     _tune(_config(tmp_path / "one.yaml", one, **settings))
-    _tune(_config(tmp_path / "two.yaml", two, **settings), nproc=2)
+    _tune(_config(tmp_path / "two.yaml", two, **settings), nproc=1, nodes=2)
 
     m1, m2 = _metrics(one)[1], _metrics(two)[1]
     assert m1["packing/rows"] == 2 and m1["grad_norm"] > 0
