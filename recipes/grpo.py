@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 from torchtune import config, modules, training, utils
-from torchtune.modules.peft import get_adapter_params, set_trainable_params
+from torchtune.modules.peft import DoRALinear, get_adapter_params, set_trainable_params
 from tqdm.auto import tqdm
 
 from packrl.advantages import group_advantages, uniform_groups
@@ -179,6 +179,15 @@ class GRPORecipe:
             source=f"checkpointer weights from {cfg.checkpointer.checkpoint_dir}",
             hint="check checkpointer.model_type and model._component_",
         )
+        if cfg.checkpointer.get("model_type") == "QWEN2" and any(
+            isinstance(m, DoRALinear) for m in model.modules()
+        ):
+            # torchtune's DoRA also scales Qwen2's q/k/v biases, which neither PEFT adapters
+            # nor a merged checkpoint can express: the saved model would not be the trained one.
+            raise ValueError(
+                "model.use_dora: true is not supported for Qwen2 (its checkpoints could not "
+                "reproduce the trained model); set model.use_dora: false to train LoRA adapters"
+            )
         adapter_params = get_adapter_params(model)
         is_lora = len(adapter_params) > 0
         if is_lora:
