@@ -115,8 +115,10 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
     """`tune run` full fine-tuning works and logs everything; a run SIGKILLed after its step-2
     checkpoint and resumed gives the same step 3 as an uninterrupted run."""
     # Uninterrupted: 3 steps, checkpoint at 2 and at the end.
+    # keep_last_checkpoints=1: each full checkpoint with its AdamW state is 1.6 GB on disk.
+    args = ("max_steps=3", "save_every_n_steps=2", "keep_last_checkpoints=1")
     ref = tmp_path / "uninterrupted"
-    proc = _tune(FULL, ref, "max_steps=3", "save_every_n_steps=2")
+    proc = _tune(FULL, ref, *args)
     for line in ("checkpoint:", "logs:", "plot:"):
         assert line in proc.stdout
     metrics = _metrics(ref)
@@ -131,11 +133,12 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
     step3 = ref / "checkpoints" / "step_3"
     assert (step3 / "model.safetensors").is_file() and (step3 / "training_state.pt").is_file()
     assert (ref / "checkpoints" / "latest").read_text().strip() == "step_3"
+    assert not (ref / "checkpoints" / "step_2").exists()  # keep_last_checkpoints=1
 
     # Interrupted: SIGKILL as soon as the step-2 checkpoint is complete, then resume.
     run = tmp_path / "killed"
     proc = subprocess.Popen(
-        _cmd(FULL, run, "max_steps=3", "save_every_n_steps=2"),
+        _cmd(FULL, run, *args),
         cwd=ROOT,
         env=_env(),
         stdout=subprocess.DEVNULL,
@@ -152,7 +155,7 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
     assert proc.wait() == -signal.SIGKILL
     assert 3 not in _metrics(run)
 
-    _tune(FULL, run, "max_steps=3", "save_every_n_steps=2", "resume_from_checkpoint=true")
+    _tune(FULL, run, *args, "resume_from_checkpoint=true")
     resumed = _metrics(run)[3]
     # Same sampled tokens (RNG, weights, data position restored), the same loss and the same
     # gradient. Tolerance 1e-6 (relative for the gradient norm); measured difference: 0.
