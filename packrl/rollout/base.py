@@ -4,6 +4,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import nn
 
 
@@ -21,6 +22,51 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
+
+
+def check_generate_args(
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    temperature: float,
+    vocab_size: int,
+    max_len: int,
+    max_len_fix: str,
+) -> None:
+    """The checks every engine's ``generate`` makes; ``max_len`` is the longest prompt +
+    completion the engine holds, ``max_len_fix`` what to do when a prompt exceeds it."""
+    if not isinstance(prompts, list | tuple):
+        raise TypeError("prompts: expected a list of token-id lists")
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompts[{i}]: is empty; every prompt needs at least one token")
+        if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+            raise ValueError(f"prompts[{i}]: token ids must be ints in [0, {vocab_size})")
+        if len(prompt) + max_new_tokens > max_len:
+            raise ValueError(
+                f"prompts[{i}]: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}"
+                f" exceed {max_len_fix}"
+            )
+    if num_samples < 1:
+        raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+
+
+def prompt_seeds(seed: int | Sequence[int] | None, num_prompts: int) -> list[str]:
+    """One seed string per prompt from ``generate``'s ``seed``: one seed for the call (prompt
+    p gets ``"seed:p"``), one per prompt, or None (drawn from torch's global RNG)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    if isinstance(seed, int):
+        return [f"{seed}:{p}" for p in range(num_prompts)]
+    seeds = [str(int(s)) for s in seed]
+    if len(seeds) != num_prompts:
+        raise ValueError(f"seed: got {len(seeds)} per-prompt seeds for {num_prompts} prompts")
+    return seeds
 
 
 class Sampler(Protocol):

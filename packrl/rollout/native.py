@@ -29,7 +29,7 @@ from torchtune.modules.kv_cache import KVCache
 from tqdm.auto import tqdm
 
 from packrl.distributed import full_parameters, world
-from packrl.rollout.base import Completion
+from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
 
 
 class NativeSampler:
@@ -93,16 +93,7 @@ class NativeSampler:
         so ``torch.manual_seed`` makes the call reproducible too.
         """
         self._check_args(prompts, num_samples, max_new_tokens, temperature, top_p, top_k)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        if isinstance(seed, int):
-            prompt_seeds = [f"{seed}:{p}" for p in range(len(prompts))]
-        else:
-            prompt_seeds = [str(int(s)) for s in seed]
-            if len(prompt_seeds) != len(prompts):
-                raise ValueError(
-                    f"seed: got {len(prompt_seeds)} per-prompt seeds for {len(prompts)} prompts"
-                )
+        seeds = prompt_seeds(seed, len(prompts))
 
         # One row per sequence, prompt-major, cut into chunks of at most max_batch_size.
         rows = [(p, s) for p in range(len(prompts)) for s in range(num_samples)]
@@ -120,7 +111,7 @@ class NativeSampler:
                         temperature=temperature,
                         top_p=top_p,
                         top_k=top_k,
-                        streams=[f"{prompt_seeds[p]}/{s}" for p, s in chunk],
+                        streams=[f"{seeds[p]}/{s}" for p, s in chunk],
                     )
                     for (p, _), completion in zip(chunk, completions, strict=True):
                         out[p].append(completion)
@@ -258,26 +249,16 @@ class NativeSampler:
         top_p: float,
         top_k: int | None,
     ) -> None:
-        vocab_size = self.model.tok_embeddings.num_embeddings
-        if not isinstance(prompts, list | tuple):
-            raise TypeError("prompts: expected a list of token-id lists")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompts[{i}]: is empty; every prompt needs at least one token")
-            if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
-                raise ValueError(f"prompts[{i}]: token ids must be ints in [0, {vocab_size})")
-            if len(prompt) + max_new_tokens > self.model.max_seq_len:
-                raise ValueError(
-                    f"prompts[{i}]: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}"
-                    f" exceed the model's max_seq_len={self.model.max_seq_len}; shorten the"
-                    " prompt or lower max_new_tokens"
-                )
-        if num_samples < 1:
-            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+        check_generate_args(
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            vocab_size=self.model.tok_embeddings.num_embeddings,
+            max_len=self.model.max_seq_len,
+            max_len_fix=f"the model's max_seq_len={self.model.max_seq_len}; shorten the prompt "
+            "or lower max_new_tokens",
+        )
         if not 0 < top_p <= 1:
             raise ValueError(f"top_p: must be in (0, 1], got {top_p}")
         if top_k is not None and top_k < 1:

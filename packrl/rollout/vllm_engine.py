@@ -53,7 +53,7 @@ from packrl.checkpointing import (
     tune_to_peft,
 )
 from packrl.distributed import full_parameters, full_tensor, world
-from packrl.rollout.base import Completion
+from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
 from packrl.rollout.native import NativeSampler
 
 NATIVE_COMPONENT = "packrl.rollout.native.NativeSampler"
@@ -251,16 +251,6 @@ class VLLMSampler:
         ``seed=None`` draws one from torch's global RNG, so a call is reproducible.
         """
         self._check_args(prompts, num_samples, max_new_tokens, temperature, top_p, top_k)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, ()).item())
-        if isinstance(seed, int):
-            prompt_seeds = [f"{seed}:{p}" for p in range(len(prompts))]
-        else:
-            prompt_seeds = [str(int(s)) for s in seed]
-            if len(prompt_seeds) != len(prompts):
-                raise ValueError(
-                    f"seed: got {len(prompt_seeds)} per-prompt seeds for {len(prompts)} prompts"
-                )
         params = [
             self._vllm.SamplingParams(
                 n=num_samples,
@@ -272,7 +262,7 @@ class VLLMSampler:
                 logprobs=0,  # the sampled token's logprob only
                 detokenize=False,
             )
-            for prompt_seed in prompt_seeds
+            for prompt_seed in prompt_seeds(seed, len(prompts))
         ]
         self.wake_up()
         outputs = self.llm.generate(
@@ -406,25 +396,16 @@ class VLLMSampler:
         top_p: float,
         top_k: int | None,
     ) -> None:
-        if not isinstance(prompts, list | tuple):
-            raise TypeError("prompts: expected a list of token-id lists")
-        for i, prompt in enumerate(prompts):
-            if len(prompt) == 0:
-                raise ValueError(f"prompts[{i}]: is empty; every prompt needs at least one token")
-            if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt):
-                raise ValueError(f"prompts[{i}]: token ids must be ints in [0, {self.vocab_size})")
-            if len(prompt) + max_new_tokens > self.max_model_len:
-                raise ValueError(
-                    f"prompts[{i}]: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}"
-                    f" exceed max_model_len={self.max_model_len}; shorten the prompt, lower"
-                    " max_new_tokens or build the VLLMSampler with a larger max_model_len"
-                )
-        if num_samples < 1:
-            raise ValueError(f"num_samples: must be >= 1, got {num_samples}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens: must be >= 1, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature: must be >= 0 (0 = greedy), got {temperature}")
+        check_generate_args(
+            prompts,
+            num_samples=num_samples,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            vocab_size=self.vocab_size,
+            max_len=self.max_model_len,
+            max_len_fix=f"max_model_len={self.max_model_len}; shorten the prompt, lower "
+            "max_new_tokens or build the VLLMSampler with a larger max_model_len",
+        )
         if top_p != 1.0 or top_k is not None:
             raise ValueError(
                 f"top_p={top_p}, top_k={top_k}: the vLLM engine samples without truncation "
