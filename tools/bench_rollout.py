@@ -17,6 +17,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +55,52 @@ def throughput_results(
             "seconds": times[name],
         }
     return results
+
+
+def time_variants(
+    variants: dict[str, Callable[[int], int]], repeats: int, seed: int, desc: str
+) -> dict[str, dict]:
+    """Runs each variant (seed -> generated tokens) `repeats` times, interleaved so that load
+    changes hit all alike, and returns `throughput_results` of the timings."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    tokens: dict[str, list[int]] = {name: [] for name in variants}
+    with tqdm(total=repeats * len(variants), desc=desc) as bar:
+        for rep in range(repeats):
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                tokens[name].append(fn(seed + rep))
+                times[name].append(time.perf_counter() - start)
+                bar.update(1)
+    return throughput_results(times, tokens)
+
+
+def report_header(benchmark: str, args: argparse.Namespace, prompts) -> dict:
+    """The fields every rollout benchmark's JSON starts with: what, when, how, where."""
+    return {
+        "benchmark": benchmark,
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python", f"tools/{benchmark}.py", *sys.argv[1:]]),
+        "model": "SmolLM2-135M-Instruct fp32",
+        "shape": {
+            "prompts": args.prompts,
+            "samples_per_prompt": args.samples,
+            "new_tokens": args.new_tokens,
+            "prompt_tokens": [len(p) for p in prompts],
+            "temperature": args.temperature,
+        },
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "seed": args.seed,
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
+    }
+
+
+def write_report(report: dict, path: Path | None) -> None:
+    text = json.dumps(report, indent=2)
+    print(text)
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
 
 
 def run_native(sampler: NativeSampler, prompts, args, batch: int, seed: int) -> int:
@@ -139,44 +186,12 @@ def main() -> None:
         variants["torchtune_generate"] = lambda s: run_torchtune(model, tokenizer, prompts, args, s)
 
     sampler.generate(prompts[:1], max_new_tokens=4, seed=0)  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    tokens: dict[str, list[int]] = {name: [] for name in variants}
-    with tqdm(total=args.repeats * len(variants), desc="bench_rollout") as bar:
-        for rep in range(args.repeats):
-            for name, fn in variants.items():  # interleaved: load changes hit all alike
-                start = time.perf_counter()
-                tokens[name].append(fn(args.seed + rep))
-                times[name].append(time.perf_counter() - start)
-                bar.update(1)
-
-    results = throughput_results(times, tokens)
+    results = time_variants(variants, args.repeats, args.seed, "bench_rollout")
     base = results.get(f"native_batch{args.batches[0]}")
     if base:
         for r in results.values():
             r["speedup_vs_first_batch"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
-    report = {
-        "benchmark": "bench_rollout",
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "tools/bench_rollout.py", *sys.argv[1:]]),
-        "model": "SmolLM2-135M-Instruct fp32",
-        "shape": {
-            "prompts": args.prompts,
-            "samples_per_prompt": args.samples,
-            "new_tokens": args.new_tokens,
-            "prompt_tokens": [len(p) for p in prompts],
-            "temperature": args.temperature,
-        },
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    write_report({**report_header("bench_rollout", args, prompts), "results": results}, args.json)
 
 
 if __name__ == "__main__":

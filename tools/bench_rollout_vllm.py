@@ -11,19 +11,15 @@ and vLLM's start-up time, which is paid once per run and so is reported apart.
 """
 
 import argparse
-import json
-import platform
-import sys
-import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from bench_rollout import (  # tools/ is on sys.path when run as a script
     arithmetic_prompts,
-    throughput_results,
+    report_header,
+    time_variants,
+    write_report,
 )
-from tqdm.auto import tqdm
 
 from packrl.models import ChatTokenizer, ensure_smollm2_checkpoint, load_smollm2
 from packrl.rollout import NativeSampler
@@ -67,51 +63,34 @@ def main() -> None:
     for sampler in samplers.values():  # warm-up
         sampler.generate(prompts[:1], max_new_tokens=4, seed=0)
 
-    times: dict[str, list[float]] = {name: [] for name in samplers}
-    tokens: dict[str, list[int]] = {name: [] for name in samplers}
-    with tqdm(total=args.repeats * len(samplers), desc="bench_rollout_vllm") as bar:
-        for rep in range(args.repeats):
-            for name, sampler in samplers.items():  # interleaved: load changes hit both alike
-                start = time.perf_counter()
-                out = sampler.generate(
-                    prompts,
-                    num_samples=args.samples,
-                    max_new_tokens=args.new_tokens,
-                    temperature=args.temperature,
-                    seed=args.seed + rep,
-                )
-                times[name].append(time.perf_counter() - start)
-                tokens[name].append(sum(len(c.token_ids) for s in out for c in s))
-                bar.update(1)
+    def run(sampler):
+        def fn(seed: int) -> int:
+            out = sampler.generate(
+                prompts,
+                num_samples=args.samples,
+                max_new_tokens=args.new_tokens,
+                temperature=args.temperature,
+                seed=seed,
+            )
+            return sum(len(c.token_ids) for s in out for c in s)
 
-    results = throughput_results(times, tokens)
-    report = {
-        "benchmark": "bench_rollout_vllm",
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", "tools/bench_rollout_vllm.py", *sys.argv[1:]]),
-        "model": "SmolLM2-135M-Instruct fp32",
-        "shape": {
-            "prompts": args.prompts,
-            "samples_per_prompt": args.samples,
-            "new_tokens": args.new_tokens,
-            "prompt_tokens": [len(p) for p in prompts],
-            "temperature": args.temperature,
-        },
-        "threads": args.threads,
-        "repeats": args.repeats,
-        "seed": args.seed,
-        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "vllm_version": vllm.__version__,
-        "vllm_startup_s": vllm_sampler.startup_seconds,
-        "vllm_over_native": results["vllm"]["tokens_per_s_median"]
+        return fn
+
+    results = time_variants(
+        {name: run(sampler) for name, sampler in samplers.items()},
+        args.repeats,
+        args.seed,
+        "bench_rollout_vllm",
+    )
+    report = report_header("bench_rollout_vllm", args, prompts)
+    report.update(
+        vllm_version=vllm.__version__,
+        vllm_startup_s=vllm_sampler.startup_seconds,
+        vllm_over_native=results["vllm"]["tokens_per_s_median"]
         / results["native"]["tokens_per_s_median"],
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+        results=results,
+    )
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":
