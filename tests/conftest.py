@@ -1,6 +1,7 @@
 """Shared pytest fixtures."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,40 @@ def tiny_model_dir(tmp_path_factory, smollm2_dir):
     }  # fmt: skip
     (out / "config.json").write_text(json.dumps(config))
     return out
+
+
+# --------------------------------------------------------- `tune run` subprocesses
+ROOT = Path(__file__).resolve().parents[1]
+# Small recipe runs on SmolLM2: 2 prompts x 4 samples, 16 new tokens, 256-token rows, and a
+# reward that differs between almost any two texts, so every step really updates the weights.
+TINY_RUN = [
+    "grpo.prompts_per_step=2",
+    "grpo.group_size=4",
+    "grpo.max_new_tokens=16",
+    "grpo.drop_uniform_groups=false",
+    "packing.row_len=256",
+    "packing.tokens_per_micro_batch=256",
+    "rewards.reward_funcs=[recipe_test_rewards.distinct_chars]",
+    "eval.at_start=false",
+    "eval.every_n_steps=2",
+    "eval.num_rows=2",
+    "eval.max_new_tokens=16",
+]
+
+
+def tune_env() -> dict:
+    """Environment for a `tune run` subprocess: the project root before site-packages
+    (torchtune ships a package named `recipes`), tests/ for the test reward, one BLAS thread
+    (on a loaded 2-core machine two threads spin-waiting on each other were measured 10x
+    slower than one; docs/recipe.md)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def step_metrics(out: Path) -> dict[int, dict]:
+    """A run's metrics.jsonl by step (a resumed run's repeated step keeps its last record)."""
+    from packrl.metrics import read_metrics
+
+    return {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}

@@ -8,8 +8,6 @@ gradient norms agree to 1e-4 relative; with SGD the weight update is lr * gradie
 two updates agree to 1e-3 of the update's size (measured: about 1e-5).
 """
 
-import json
-import os
 import socket
 import subprocess
 import sys
@@ -17,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import ROOT, TINY_ARCH, step_metrics, tune_env
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
 FULL = ROOT / "tune_configs/smollm2_135m_arithmetic_full_cpu.yaml"
 SMALL = {
@@ -53,8 +50,7 @@ def _config(path: Path, out: Path, **settings) -> Path:
 def _tune(config: Path, nproc: int = 1, nodes: int = 1) -> None:
     """`tune run` with `nproc` ranks per node; with `nodes` > 1, one launcher per "node", all on
     127.0.0.1, meeting through torchrun's c10d rendezvous as separate machines do."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    env = tune_env()
     launch = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
     if nodes > 1:
         port = _free_port()
@@ -81,11 +77,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _metrics(out: Path) -> dict[int, dict]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r for r in map(json.loads, lines)}
-
-
 def _assert_same_step(one: dict, two: dict) -> None:
     for key in ("reward/mean", "reward/std", "loss/tokens", "packing/rows", "eval/reward"):
         assert two[key] == one[key], key  # the same rollouts, batch and evaluation
@@ -109,7 +100,7 @@ def test_two_ranks_train_like_one_process_smollm2(tmp_path, smollm2_dir):
     _tune(_config(tmp_path / "one.yaml", one, **settings))
     _tune(_config(tmp_path / "two.yaml", two, **settings), nproc=1, nodes=2)
 
-    m1, m2 = _metrics(one)[1], _metrics(two)[1]
+    m1, m2 = step_metrics(one)[1], step_metrics(two)[1]
     assert m1["packing/rows"] == 2 and m1["grad_norm"] > 0
     _assert_same_step(m1, m2)
 
@@ -163,7 +154,7 @@ def test_two_ranks_lora_resume_exactly_and_match_one_process(tmp_path, tiny_mode
         nproc=2,
     )
 
-    m1, m2, mr = _metrics(one), _metrics(two), _metrics(resumed)
+    m1, m2, mr = step_metrics(one), step_metrics(two), step_metrics(resumed)
     assert m1[2]["grad_norm"] > 0
     for step in (1, 2):
         _assert_same_step(m1[step], m2[step])

@@ -16,29 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_ARCH
+from conftest import ROOT, TINY_ARCH, TINY_RUN, step_metrics, tune_env
 from omegaconf import OmegaConf
 
 from recipes.grpo import GRPORecipe
 
-ROOT = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
 FULL = "tune_configs/smollm2_135m_arithmetic_full_cpu.yaml"
 LORA = "tune_configs/smollm2_135m_arithmetic_lora_cpu.yaml"
-TINY = [
-    "grpo.prompts_per_step=2",
-    "grpo.group_size=4",
-    "grpo.max_new_tokens=16",
-    "grpo.drop_uniform_groups=false",
-    "packing.row_len=256",
-    "packing.tokens_per_micro_batch=256",
-    "rewards.reward_funcs=[recipe_test_rewards.distinct_chars]",
-    "eval.at_start=false",
-    "eval.every_n_steps=2",
-    "eval.num_rows=2",
-    "eval.max_new_tokens=16",
-    "keep_last_checkpoints=None",
-]
+TINY = [*TINY_RUN, "keep_last_checkpoints=None"]
 # Keys every training step logs (the list).
 STEP_KEYS = [
     "reward/mean",
@@ -78,31 +64,17 @@ def _cmd(config: str, out: Path, *overrides: str) -> list[str]:
     ]
 
 
-def _env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    # One BLAS thread: on a shared, loaded 2-core machine two threads spin-waiting on each
-    # other were measured 10x slower than one (tools timing note in docs/recipe.md).
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
-
-
 def _tune(config: str, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         _cmd(config, out, *overrides),
         cwd=ROOT,
-        env=_env(),
+        env=tune_env(),
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, f"tune run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def _metrics(out: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in records}
 
 
 def _completions(out: Path, step: int) -> list[str]:
@@ -121,7 +93,7 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
     proc = _tune(FULL, ref, *args)
     for line in ("checkpoint:", "logs:", "plot:"):
         assert line in proc.stdout
-    metrics = _metrics(ref)
+    metrics = step_metrics(ref)
     assert sorted(metrics) == [1, 2, 3]
     for step in (1, 2, 3):
         missing = [k for k in STEP_KEYS if k not in metrics[step]]
@@ -140,7 +112,7 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
     proc = subprocess.Popen(
         _cmd(FULL, run, *args),
         cwd=ROOT,
-        env=_env(),
+        env=tune_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,  # its reward worker processes die with it
@@ -153,10 +125,10 @@ def test_full_run_then_kill_after_checkpoint_and_resume(tmp_path):
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert 3 not in _metrics(run)
+    assert 3 not in step_metrics(run)
 
     _tune(FULL, run, *args, "resume_from_checkpoint=true")
-    resumed = _metrics(run)[3]
+    resumed = step_metrics(run)[3]
     # Same sampled tokens (RNG, weights, data position restored), the same loss and the same
     # gradient. Tolerance 1e-6 (relative for the gradient norm); measured difference: 0.
     assert _completions(run, 3) == _completions(ref, 3)
@@ -171,7 +143,7 @@ def test_lora_run_writes_adapters(tmp_path):
     out = tmp_path / "lora"
     proc = _tune(LORA, out, "max_steps=2", "save_every_n_steps=1")
     assert "LoRA fine-tuning" in proc.stdout + proc.stderr
-    metrics = _metrics(out)
+    metrics = step_metrics(out)
     assert sorted(metrics) == [1, 2] and metrics[2]["grad_norm"] > 0.0
     step1, step2 = out / "checkpoints" / "step_1", out / "checkpoints" / "step_2"
     # Periodic checkpoints: PEFT adapters only; the last one also has the merged model.
@@ -187,7 +159,7 @@ def test_bad_config_key_is_a_named_error(tmp_path):
     proc = subprocess.run(
         _cmd(FULL, tmp_path, "grpo.group_sise=4"),
         cwd=ROOT,
-        env=_env(),
+        env=tune_env(),
         capture_output=True,
         text=True,
         timeout=300,

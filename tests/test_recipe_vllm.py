@@ -11,29 +11,18 @@ Marked ``vllm``: skipped where vLLM is not installed.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_RUN, step_metrics, tune_env
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    *TINY_RUN,
     "max_steps=2",
     "save_every_n_steps=2",
-    "grpo.prompts_per_step=2",
-    "grpo.group_size=4",
-    "grpo.max_new_tokens=16",
-    "grpo.drop_uniform_groups=false",
-    "packing.row_len=256",
-    "packing.tokens_per_micro_batch=256",
-    "rewards.reward_funcs=[recipe_test_rewards.distinct_chars]",
-    "eval.at_start=false",
-    "eval.every_n_steps=2",
-    "eval.num_rows=2",
-    "eval.max_new_tokens=16",
     "sampler.max_model_len=256",
     "plot=false",
 ]
@@ -52,11 +41,7 @@ def _needs_vllm():
 
 
 def _tune(config: str, out: Path, *overrides: str, nproc: int = 1) -> str:
-    env = dict(os.environ)
-    # The project root before site-packages (torchtune ships a package named `recipes`), and
-    # tests/ for the test reward.
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")])
-    env.setdefault("OMP_NUM_THREADS", "1")  # see tests/test_recipe.py
+    env = tune_env()
     cmd = [sys.executable, "-m", "torchtune._cli.tune", "run"]
     cmd += [f"--nproc_per_node={nproc}"] if nproc > 1 else []
     cmd += ["recipes/grpo.py"]
@@ -66,13 +51,8 @@ def _tune(config: str, out: Path, *overrides: str, nproc: int = 1) -> str:
     return proc.stdout + proc.stderr
 
 
-def _metrics(out: Path) -> dict[int, dict]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in records}
-
-
 def _check_steps(out: Path) -> dict[int, dict]:
-    metrics = _metrics(out)
+    metrics = step_metrics(out)
     assert sorted(metrics) == [1, 2]
     for step, m in metrics.items():
         assert math.isfinite(m["loss/policy_loss"]), f"step {step}: loss {m['loss/policy_loss']}"
