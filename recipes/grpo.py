@@ -271,8 +271,15 @@ class GRPORecipe:
             accuracy = self.accuracy_scorer(prompts, texts, columns).total
         return texts, scores, accuracy
 
-    def rollout(self, rows: list[dict[str, Any]], seeds: list[int], **sampling: Any) -> Rollouts:
-        """Generate and score `num_samples` completions for each row (prompt-major).
+    def rollout(
+        self,
+        rows: list[dict[str, Any]],
+        prompts: list[list[int]],
+        seeds: list[int],
+        **sampling: Any,
+    ) -> Rollouts:
+        """Generate and score `num_samples` completions for each row, whose prompt token ids
+        are `prompts` (prompt-major).
 
         Each rank generates and scores every world_size-th row, and the parts are gathered,
         so every rank returns all of them. Row i samples with seed `seeds[i]`, so the result
@@ -284,7 +291,7 @@ class GRPORecipe:
         if mine:
             local_rows = [rows[i] for i in mine]
             completions = self.sampler.generate(
-                self.prompt_ids(local_rows), seed=[seeds[i] for i in mine], **sampling
+                [prompts[i] for i in mine], seed=[seeds[i] for i in mine], **sampling
             )
             generation_s = time.perf_counter() - t0
             part = (mine, completions, *self.score(local_rows, completions))
@@ -361,6 +368,7 @@ class GRPORecipe:
         prompts = self.prompt_ids(rows)
         out = self.rollout(
             rows,
+            prompts,
             [_prompt_seed(self.seed, self.step, p) for p in range(P)],
             num_samples=G,
             max_new_tokens=self.max_new_tokens,
@@ -559,6 +567,7 @@ class GRPORecipe:
             return {}
         out = self.rollout(
             rows,
+            self.prompt_ids(rows),
             [_prompt_seed(self.seed, -1, i) for i in range(len(rows))],
             num_samples=num_samples,
             max_new_tokens=e.get("max_new_tokens") or self.max_new_tokens,
