@@ -510,23 +510,7 @@ def test_qwen2_uses_its_own_conversion(tmp_path):
     from torchtune.models.qwen2._component_builders import lora_qwen2, qwen2
     from torchtune.models.qwen2._convert_weights import qwen2_tune_to_hf
 
-    dims = dict(
-        vocab_size=64,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        embed_dim=32,
-        intermediate_dim=64,
-        max_seq_len=64,
-        tie_word_embeddings=True,
-    )
-    config = {
-        **HF_CONFIG,
-        "architectures": ["Qwen2ForCausalLM"],
-        "model_type": "qwen2",
-        "rope_theta": 1e6,
-    }
-    del config["head_dim"]
+    dims, config = QWEN2_DIMS, QWEN2_CONFIG
     src = tmp_path / "qwen_src"
     src.mkdir()
     torch.manual_seed(0)
