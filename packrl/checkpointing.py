@@ -44,7 +44,7 @@ from torch import nn
 from torchtune.models import convert_weights
 from torchtune.modules.peft import get_adapter_state_dict, get_merged_lora_ckpt
 
-from packrl.distributed import barrier, gather_to_rank0, shard_like, world
+from packrl.training.distributed import barrier, gather_to_rank0, shard_like, world
 
 FORMAT_VERSION = 1
 META_FILE = "packrl_checkpoint.json"

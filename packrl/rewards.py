@@ -10,7 +10,7 @@ them all at once, each in its own daemon thread, under one shared deadline:
 - ``None`` ("does not apply") scores 0; NaN or inf counts as a failure and scores 0.
 
 Heavy reward work (math-verify, code sandboxes) runs in worker processes
-(``packrl.workers``, ``packrl.sandbox``) sized to the machine.
+(``packrl.execution.workers``, ``packrl.execution.sandbox``) sized to the machine.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from packrl.execution.workers import shared_pool
 from packrl.tasks.base import RewardFn
-from packrl.workers import shared_pool
 
 log = logging.getLogger(__name__)
 

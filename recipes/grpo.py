@@ -38,19 +38,19 @@ from torchtune import config, modules, training, utils
 from torchtune.modules.peft import DoRALinear, get_adapter_params, set_trainable_params
 from tqdm.auto import tqdm
 
-from packrl.advantages import group_advantages, uniform_groups
-from packrl.attention import packed_block_mask, use_packed_attention
 from packrl.checkpointing import load_checkpoint, save_checkpoint
-from packrl.config_schema import validate_config
-from packrl.distributed import all_reduce, full_tensor, gather_objects, world
-from packrl.logprobs import packed_logprobs
-from packrl.loss import LossStats, completion_loss_weights, grpo_loss
-from packrl.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
 from packrl.models.weights import load_base_weights
-from packrl.packing import GroupRollout, PackedBatch, pack_groups
-from packrl.reference import reference_for
+from packrl.packed.attention import packed_block_mask, use_packed_attention
+from packrl.packed.logprobs import packed_logprobs
+from packrl.packed.packing import GroupRollout, PackedBatch, pack_groups
 from packrl.rewards import RewardScorer, RewardScores, func_name
+from packrl.rl.advantages import group_advantages, uniform_groups
+from packrl.rl.loss import LossStats, completion_loss_weights, grpo_loss
+from packrl.rl.reference import reference_for
 from packrl.rollout.base import Completion
+from packrl.training.config_schema import validate_config
+from packrl.training.distributed import all_reduce, full_tensor, gather_objects, world
+from packrl.training.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
 
 log = utils.get_logger("INFO")
 

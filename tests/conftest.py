@@ -107,6 +107,6 @@ def tune_env() -> dict:
 
 def step_metrics(out: Path) -> dict[int, dict]:
     """A run's metrics.jsonl by step (a resumed run's repeated step keeps its last record)."""
-    from packrl.metrics import read_metrics
+    from packrl.training.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}

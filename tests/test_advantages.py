@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from packrl.advantages import group_advantages, uniform_groups
+from packrl.rl.advantages import group_advantages, uniform_groups
 
 
 def test_group_advantages_hand_values():

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
 from torchtune.models.llama3_2._component_builders import llama3_2
 
-from packrl.attention import (
+from packrl.packed.attention import (
     block_mask_nbytes,
     blockwise_attention,
     packed_attention_call,
@@ -18,7 +18,7 @@ from packrl.attention import (
     packed_mask_mod,
     use_packed_attention,
 )
-from packrl.packing import GroupRollout, pack_groups
+from packrl.packed.packing import GroupRollout, pack_groups
 
 ATOL = 1e-5  # fp32: blockwise and dense attention differ only by summation order
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from packrl.config_schema import ConfigError, validate_config
+from packrl.training.config_schema import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))

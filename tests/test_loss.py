@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from packrl.loss import LossStats, completion_loss_weights, grpo_loss
+from packrl.rl.loss import LossStats, completion_loss_weights, grpo_loss
 
 EPS = dict(epsilon_low=0.2, epsilon_high=0.28)
 

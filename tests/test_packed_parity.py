@@ -24,9 +24,9 @@ from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.modules.peft import get_adapter_params, set_trainable_params
 from torchtune.training import set_activation_checkpointing
 
-from packrl.attention import packed_dense_mask, use_packed_attention
-from packrl.logprobs import packed_logprobs
-from packrl.packing import GroupRollout, pack_groups
+from packrl.packed.attention import packed_dense_mask, use_packed_attention
+from packrl.packed.logprobs import packed_logprobs
+from packrl.packed.packing import GroupRollout, pack_groups
 
 LOGPROB_ATOL = 1e-5
 SMOLLM2_ATOL = 3e-5

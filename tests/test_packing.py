@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packrl.packing import GroupRollout, pack_groups
+from packrl.packed.packing import GroupRollout, pack_groups
 
 
 def make_group(prompt, completions, advantages=None, weights=None) -> GroupRollout:

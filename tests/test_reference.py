@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 
-from packrl.reference import Reference, reference_for
+from packrl.rl.reference import Reference, reference_for
 
 DIMS = dict(
     vocab_size=64,
@@ -125,10 +125,10 @@ def test_packed_grpo_step_with_lora_reference():
     before any training (LoRA B = 0), stays put after a step while the policy moves, and
     row micro-batches add up to the full-batch gradient.
     """
-    from packrl.attention import packed_block_mask, use_packed_attention
-    from packrl.logprobs import packed_logprobs
-    from packrl.loss import completion_loss_weights, grpo_loss
-    from packrl.packing import GroupRollout, pack_groups
+    from packrl.packed.attention import packed_block_mask, use_packed_attention
+    from packrl.packed.logprobs import packed_logprobs
+    from packrl.packed.packing import GroupRollout, pack_groups
+    from packrl.rl.loss import completion_loss_weights, grpo_loss
 
     g = torch.Generator().manual_seed(3)
     policy = use_packed_attention(tiny_lora())

@@ -195,7 +195,7 @@ class TestShaping:
 
 
 def test_deadline_pool_kills_calls_stuck_in_c():
-    from packrl.workers import DeadlinePool
+    from packrl.execution.workers import DeadlinePool
 
     # sum(range(n)) is one C loop: no signal handler (so no alarm) runs until it ends.
     # Builtins keep the workers' imports trivial (a test module would import torch there).

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from packrl.sandbox import UID_BASE, Limits, isolation, run_python
+from packrl.execution.sandbox import UID_BASE, Limits, isolation, run_python
 
 ISO = isolation()
 # Slack for process start-up and the kill on a loaded 2-core machine.
@@ -256,7 +256,7 @@ def test_sandbox_dies_with_the_trainer():
         [
             sys.executable,
             "-c",
-            "from packrl.sandbox import Limits, isolation, run_python\n"
+            "from packrl.execution.sandbox import Limits, isolation, run_python\n"
             "isolation()  # its probe runs are not the sandbox we are after\n"
             "print('started', flush=True)\n"
             "run_python('import time\\ntime.sleep(60)', Limits(timeout_s=60))\n",

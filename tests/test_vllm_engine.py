@@ -16,10 +16,10 @@ from omegaconf import OmegaConf
 from torchtune.models.llama3_2 import llama3_2
 
 from packrl.checkpointing import save_checkpoint
-from packrl.config_schema import ConfigError, validate_config
 from packrl.models import load_smollm2
 from packrl.rollout.native import NativeSampler
 from packrl.rollout.vllm_engine import NATIVE_COMPONENT, VLLMSampler, vllm_sampler
+from packrl.training.config_schema import ConfigError, validate_config
 
 # Both sides run SmolLM2 in fp32; they differ in kernels and summation order only. Measured
 # max |diff| on this machine: about 1e-5 (see docs/vllm.md), so 2e-3 leaves room for other

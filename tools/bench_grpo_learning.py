@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from packrl.metrics import peak_rss_gb, plot_metrics, read_metrics
+from packrl.training.metrics import peak_rss_gb, plot_metrics, read_metrics
 from recipes.grpo import GRPORecipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,14 +39,14 @@ from dataclasses import asdict
 import torch
 from tqdm import tqdm
 
-from packrl.attention import (
+from packrl.packed.attention import (
     block_mask_nbytes,
     packed_block_mask,
     packed_dense_mask,
     use_packed_attention,
 )
-from packrl.logprobs import chunked_token_logprobs, final_hidden_states, packed_logprobs
-from packrl.packing import GroupRollout, PackedBatch, pack_groups
+from packrl.packed.logprobs import chunked_token_logprobs, final_hidden_states, packed_logprobs
+from packrl.packed.packing import GroupRollout, PackedBatch, pack_groups
 
 ROW_ALIGN = 128  # packed rows are sized to the batch, rounded up to whole mask blocks
 LAYOUTS = ("a_padded", "b_unshared_block", "c_shared_block", "d_shared_dense")

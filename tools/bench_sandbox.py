@@ -29,8 +29,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from packrl.execution.sandbox import isolation, run_python  # noqa: E402
 from packrl.rewards import RewardScorer  # noqa: E402
-from packrl.sandbox import isolation, run_python  # noqa: E402
 from packrl.tasks.code import extract_code, humaneval_rows, run_tests  # noqa: E402
 from packrl.tasks.math import math_accuracy  # noqa: E402
 

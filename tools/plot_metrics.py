@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from packrl.metrics import plot_metrics, read_metrics
+from packrl.training.metrics import plot_metrics, read_metrics
 
 
 def main(argv: list[str] | None = None) -> Path:

@@ -28,8 +28,8 @@ from torchtune.modules.common_utils import local_kv_cache
 from torchtune.modules.kv_cache import KVCache
 from tqdm.auto import tqdm
 
-from packrl.distributed import full_parameters, world
 from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
+from packrl.training.distributed import full_parameters, world
 
 
 class NativeSampler:

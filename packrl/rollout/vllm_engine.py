@@ -52,9 +52,9 @@ from packrl.checkpointing import (
     tune_to_hf,
     tune_to_peft,
 )
-from packrl.distributed import full_parameters, full_tensor, world
 from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
 from packrl.rollout.native import NativeSampler
+from packrl.training.distributed import full_parameters, full_tensor, world
 
 NATIVE_COMPONENT = "packrl.rollout.native.NativeSampler"
 VLLM_INSTALL_HINT = (
@@ -460,7 +460,7 @@ def vllm_sampler(
     return VLLMSampler(policy, **engine_args)
 
 
-# Config validation (packrl.config_schema) binds a section's keys to the component's
+# Config validation (packrl.training.config_schema) binds a section's keys to the component's
 # signature; show it VLLMSampler's arguments instead of the opaque **engine_args.
 _builder, _engine = inspect.signature(vllm_sampler), inspect.signature(VLLMSampler)
 vllm_sampler.__signature__ = _builder.replace(

@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from packrl.sandbox import Limits, run_python
+from packrl.execution.sandbox import Limits, run_python
+from packrl.execution.workers import default_num_workers
 from packrl.tasks.base import Row, Task
 from packrl.tasks.data import check_column, load_task_rows, split_rows
-from packrl.workers import default_num_workers
 
 TEST_TIMEOUT_S = 5.0
 # Wall-clock cap for one completion's whole test run; tests not reached by then fail. It

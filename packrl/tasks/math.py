@@ -8,7 +8,7 @@ expressions second, so a gold answer written as ``85``, ``3/4`` or ``x = 2`` sti
 
 math-verify can hang in C code on inputs such as ``10^{10^{10}}``, and its own timeouts use
 ``signal.alarm``, which only works in a main thread. So checks run in the main thread of
-worker processes (``packrl.workers``) with a hard outer deadline. Keep torch out of this
+worker processes (``packrl.execution.workers``) with a hard outer deadline. Keep torch out of this
 module: the workers import it.
 """
 
@@ -20,9 +20,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from packrl.execution.workers import shared_pool
 from packrl.tasks.base import Task
 from packrl.tasks.data import check_column, load_task_rows, split_rows
-from packrl.workers import shared_pool
 
 log = logging.getLogger(__name__)
 

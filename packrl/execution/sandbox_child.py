@@ -1,6 +1,6 @@
 """The sandbox's first process: isolates itself, then becomes ``python -I main.py``.
 
-Run by ``packrl.sandbox`` (never imported), as ``python -I -S sandbox_child.py CONFIG_JSON``
+Run by ``packrl.execution.sandbox`` (never imported), as ``python -I -S sandbox_child.py CONFIG_JSON``
 with the program's source on stdin, inside ``unshare``'s new network, PID and mount
 namespaces when those are available. Standard library only: it runs under the sandbox's
 interpreter (``/usr/bin/python3`` when root), which need not have packrl installed.

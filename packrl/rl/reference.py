@@ -7,7 +7,7 @@
   to the policy's device only for its forward pass.
 
 The caller supplies the forward as ``fn(model) -> logprobs`` (e.g. a lambda calling
-``packrl.logprobs.packed_logprobs`` on the same packed batch), so the reference scores
+``packrl.packed.logprobs.packed_logprobs`` on the same packed batch), so the reference scores
 exactly the tokens and mask the policy scores.
 """
 

@@ -6,7 +6,7 @@ main thread of worker processes, and a call that passes its deadline gets its wo
 (SIGKILL) and replaced. ``concurrent.futures.ProcessPoolExecutor`` cannot kill one stuck
 task, hence this pool.
 
-Workers are fresh interpreters (``python -m packrl.workers``), never forks: the trainer has
+Workers are fresh interpreters (``python -m packrl.execution.workers``), never forks: the trainer has
 torch threads, and a forked copy of a multi-threaded process can deadlock. Unlike
 multiprocessing's ``spawn`` they do not re-import the trainer's ``__main__`` (under
 ``tune run`` that is the recipe, with torch). They import only the called function's module,
@@ -110,7 +110,7 @@ class _Worker:
         from_child_r, from_child_w = os.pipe()
         # The child sees the parent's import path, so user reward modules import there too.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        cmd = [sys.executable, "-m", "packrl.workers", str(to_child_r), str(from_child_w)]
+        cmd = [sys.executable, "-m", "packrl.execution.workers", str(to_child_r), str(from_child_w)]
         cmd += [str(memory_mb or 0), *preload]
         self.proc = subprocess.Popen(cmd, pass_fds=(to_child_r, from_child_w), env=env)
         os.close(to_child_r)
@@ -243,7 +243,7 @@ def shared_pool(num_workers: int | None = None) -> DeadlinePool:
         return _shared
 
 
-# A worker: python -m packrl.workers READ_FD WRITE_FD MEMORY_MB [WARM_UP_FN...]
+# A worker: python -m packrl.execution.workers READ_FD WRITE_FD MEMORY_MB [WARM_UP_FN...]
 if __name__ == "__main__":
     _worker_main(
         _Duplex(int(sys.argv[1]), int(sys.argv[2])), int(sys.argv[3]) or None, sys.argv[4:]

@@ -17,8 +17,8 @@ from torch.nn.attention.flex_attention import BlockMask
 from torch.utils.checkpoint import checkpoint
 from torchtune.modules import TransformerDecoder
 
-from packrl.attention import packed_block_mask
-from packrl.packing import PackedBatch
+from packrl.packed.attention import packed_block_mask
+from packrl.packed.packing import PackedBatch
 
 __all__ = [
     "packed_logprobs",
@@ -144,7 +144,7 @@ def packed_logprobs(
     """Logprobs [R, S] (and entropy [R, S]) of the trained tokens; 0 elsewhere.
 
     ``mask`` defaults to ``packed_block_mask`` of the batch (the model must have been
-    passed through ``packrl.attention.use_packed_attention``); a dense
+    passed through ``packrl.packed.attention.use_packed_attention``); a dense
     ``packed_dense_mask`` works with any torchtune decoder. Works under ``torch.no_grad``
     (reference model) and with autograd, LoRA and activation checkpointing.
     """

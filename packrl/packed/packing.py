@@ -2,7 +2,7 @@
 
 Each row holds one or more *segments*: a prompt, followed by completion tails of that
 prompt. A prompt is stored once per row and every tail's RoPE positions continue the
-prompt, as if the tail followed the prompt directly. Attention (see ``packrl.attention``)
+prompt, as if the tail followed the prompt directly. Attention (see ``packrl.packed.attention``)
 lets a prompt token see earlier tokens of its prompt, and a tail token see its whole
 prompt plus earlier tokens of its own tail, never a sibling's.
 

@@ -1,0 +1,1 @@
+"""Running untrusted code: the sandbox, its child process, and the worker pools that grade."""
