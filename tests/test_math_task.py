@@ -1,11 +1,27 @@
-"""Math answer extraction, the math-verify reward in worker processes, and generated problems."""
+"""Math answer extraction, the math-verify reward in worker processes, and generated problems.
+
+Issue 10 part 1: every listed input with its right value, adversarial completions, and
+property tests for the kinds behind them (reasoning blocks, multi-part answers, the
+tolerance at every scale).
+"""
 
 import time
+from decimal import Decimal, getcontext
+from fractions import Fraction
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from packrl.tasks.arithmetic import LEVELS, arithmetic_accuracy, arithmetic_task, generate_problems
-from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
+from packrl.tasks.math import (
+    REL_TOL,
+    boxed_format,
+    check_gold_answer,
+    extract_answer,
+    math_accuracy,
+    verify_answer,
+)
 
 
 @pytest.mark.parametrize(
@@ -25,6 +41,15 @@ from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
         ("", None),
         ("\\boxed{unclosed", None),
         ("\\boxed{}", None),
+        ("\\boxed 5", "5"),  # no braces: to the end of the math environment, line or sentence
+        ("$\\boxed 7$ and more", "7"),
+        ("\\boxed 12. Done.", "12"),
+        ("\\boxed{2} and \\boxed{3}", "2, 3"),  # one answer in several boxes
+        ("$x=\\boxed{-1}$ and $x=\\boxed{4}$", "-1, 4"),
+        ("\\boxed{} and \\boxed{3}", None),  # an empty part
+        ("<think>\\boxed{5}</think>The answer is 7.", "7"),
+        ("The answer is (1, 2).", "(1, 2)"),
+        ("The answer is 3, because 1 + 2 = 3", "3"),
     ],
 )
 def test_extract_answer(completion, expected):
@@ -123,6 +148,14 @@ def test_arithmetic_task_rows_and_reward():
 def test_boxed_format():
     completions = ["44 + 21 = 65. \\boxed{65}.", "\\boxed{}", "44 + 21 = 65", "**65**", "\\boxed{6"]
     assert boxed_format(completions=completions) == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # Only the graded text counts: a box inside a reasoning block, or in one never closed, is not.
+    more = [
+        "<think>\\boxed{5}</think>65",
+        "<think>\\boxed{65}",
+        "\\boxed 65",
+        "<think></think>\\boxed{65}",
+    ]
+    assert boxed_format(completions=more) == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_arithmetic_accuracy_rejects_unevaluated_expressions():
@@ -137,3 +170,210 @@ def test_arithmetic_accuracy_rejects_unevaluated_expressions():
     assert math_accuracy(completions, ["40"] * 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert arithmetic_accuracy(completions, ["40"] * 5) == [0.0, 0.0, 1.0, 1.0, 0.0]
     assert arithmetic_accuracy(["\\boxed{-\\frac{3}{4}}"], ["-\\frac{3}{4}"]) == [1.0]
+
+
+# --- issue 10: every listed input, with its right value ---------------------------------
+ISSUE_10_CASES = [
+    # the documented grading order: only the text after the reasoning block is graded
+    ("<think>maybe \\boxed{5}? no.</think><answer>7</answer>", "7", 1.0),
+    ("<think>maybe \\boxed{5}? no.</think><answer>7</answer>", "5", 0.0),
+    # boxes without braces
+    ("\\boxed 5", "5", 1.0),
+    ("$\\boxed 7$", "7", 1.0),
+    # multi-part answers are not cut to one part
+    ("The roots are \\boxed{2} and \\boxed{3}.", "2, 3", 1.0),
+    ("$x=\\boxed{-1}$ and $x=\\boxed{4}$", "-1, 4", 1.0),
+    ("The answer is (1, 2).", "(1, 2)", 1.0),
+    # relative tolerance, and the sign counts (math-verify's 6-decimal rounding: all 1.0)
+    ("\\boxed{0.0000002}", "0.0000001", 0.0),
+    ("\\boxed{-0.0000001}", "0.0000001", 0.0),
+    ("\\boxed{\\frac{1}{2^{98}}}", "\\frac{1}{2^{99}}", 0.0),
+    # a reasoning block that never closes: cut off, no answer
+    ("<think>47 + 38 is \\boxed{85}", "85", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, gold, reward", ISSUE_10_CASES)
+def test_issue_10_inputs(completion, gold, reward):
+    assert math_accuracy([completion], [gold]) == [reward]
+
+
+# What a lazy or malicious policy would write, with the right value.
+ADVERSARIAL = [
+    ("\\boxed{5} or \\boxed{7}", "7", 0.0),  # a hedge is a set {5, 7}, not 7
+    ("\\boxed{5}, \\boxed{7}", "5", 0.0),
+    ("\\boxed{2}", "2, 3", 0.0),  # one part of two
+    ("\\boxed{2}, \\boxed{3}, \\boxed{4}", "2, 3", 0.0),  # every candidate listed
+    ("\\boxed{2, 3, 4}", "2, 3", 0.0),
+    ("\\boxed{5}. No, wait: \\boxed{7}", "7", 1.0),  # a correction: the last box is final
+    ("\\boxed{5}. No, wait: \\boxed{7}", "5", 0.0),
+    ("\\boxed{85} ... \\boxed{8", "85", 0.0),  # cut off inside the final box
+    ("\\boxed{85} ... \\boxed{8", "8", 0.0),
+    ("<think>\\boxed{85}</think>", "85", 0.0),  # the answer only inside the reasoning
+    ("<think>a</think>\\boxed{85}<think>b", "85", 0.0),  # a second block never closes
+    ("<think><answer>7</answer></think>\\boxed{5}", "7", 0.0),  # a tag in the reasoning
+    ("<think><answer>7</answer></think>\\boxed{5}", "5", 1.0),
+    ("\\boxed{5} <answer>7</answer>", "7", 1.0),  # the answer tag wins over boxes outside it
+    ("<answer>\\boxed{5} then 6</answer>", "5", 1.0),  # a box inside the tag wins in it
+    ("<answer></answer> \\boxed{5}", "5", 0.0),  # the declared answer is empty
+    ("\\boxed{85.0}", "85", 1.0),  # an integer written as a decimal
+    ("\\boxed{85.0000001}", "85", 0.0),  # an integer gold is met exactly
+    ("\\boxed{123457.0}", "123456", 0.0),  # within 1e-5, but an off-by-one integer
+    ("\\boxed{0.0}", "0", 1.0),
+    ("\\boxed{0.000000000001}", "0", 0.0),
+    ("\\boxed{-\\frac{1}{2}}", "\\frac{1}{2}", 0.0),
+    ("\\boxed{\\frac{1}{3}}", "0.333333", 1.0),  # 6 significant digits match
+    ("\\boxed{0.3333}", "\\frac{1}{3}", 0.0),  # 4 do not
+]
+
+
+@pytest.mark.parametrize("completion, gold, reward", ADVERSARIAL)
+def test_adversarial_completions(completion, gold, reward):
+    assert math_accuracy([completion], [gold]) == [reward]
+
+
+def test_reasoning_opened_by_the_prompt_and_trl_message_completions():
+    # An assistant prefill ending in <think>: the completion starts inside the block.
+    prompt = [{"role": "user", "content": "What is 47 + 38?"},
+              {"role": "assistant", "content": "<think>"}]  # fmt: skip
+    completions = ["47 + 38 = 85, so \\boxed{85}", "47 + 38 = 85</think>\\boxed{85}"]
+    assert math_accuracy(completions, ["85"] * 2, prompts=[prompt] * 2) == [0.0, 1.0]
+    assert boxed_format(completions, prompts=[prompt] * 2) == [0.0, 1.0]
+    messages = [[{"role": "assistant", "content": "\\boxed{85}"}]]
+    assert math_accuracy(messages, ["85"]) == [1.0]
+
+
+def test_unparseable_gold_is_found_and_loud():
+    assert check_gold_answer("\\frac{") is not None
+    assert "no expression" in check_gold_answer("\\frac{")
+    assert "undefined" in check_gold_answer("\\frac{1}{0}")
+    assert "empty" in check_gold_answer("  ")
+    for gold in ["85", "x = 2", "(1, 2)", "-1, 4", "\\frac{1}{2^{99}}", "\\text{Monday}", "3/4"]:
+        assert check_gold_answer(gold) is None, gold
+    with pytest.raises(ValueError, match=r"sample 1: .*'\\\\frac\{' cannot be graded"):
+        math_accuracy(["\\boxed{1}", "The answer is 42"], ["1", "\\frac{"])
+
+
+# --- the kinds behind them, as properties ---------------------------------------------
+# Reasoning text: anything but a closing tag, including boxes, answer tags and nested opens.
+REASONING = st.lists(
+    st.sampled_from(["a", " ", "7", "\n", ".", "?", "\\boxed{5}", "\\boxed 9", "$\\boxed{4}$",
+                     "<answer>3</answer>", "The answer is 6. ", "<think>", "<thinking>"]),
+    max_size=12,
+).map("".join)  # fmt: skip
+FINALS = ["\\boxed{%s}", "<answer>%s</answer>", "The answer is %s.", "$\\boxed %s$",
+          "Final answer: %s", "so $x = \\boxed{%s}$."]  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(reasoning=REASONING, final=st.sampled_from(FINALS), value=st.integers(-99, 99),
+       close=st.sampled_from(["</think>", "</thinking>", "</THINK>"]))  # fmt: skip
+def test_reasoning_blocks_are_never_graded(reasoning, final, value, close):
+    answer = final % value
+    expected = extract_answer(answer)
+    assert expected is not None and expected.removeprefix("x = ") == str(value)
+    # Closed: whatever the reasoning says, only the text after it counts.
+    assert extract_answer(f"<think>{reasoning}{close}{answer}") == expected
+    assert extract_answer(f"{reasoning}{close}{answer}", think_opened=True) == expected
+    # Never closed (cut off): no answer, wherever the block opens.
+    assert extract_answer(f"<think>{reasoning}{answer}") is None
+    assert extract_answer(f"{answer}<think>{reasoning}") is None
+    assert extract_answer(f"<think>a{close}{answer}<think>{reasoning}") is None
+    assert extract_answer(f"{reasoning}{answer}", think_opened=True) is None
+
+
+@settings(max_examples=25, deadline=None)
+@given(reasoning=REASONING, final=st.sampled_from(FINALS), value=st.integers(-20, 20),
+       gold=st.integers(-20, 20))  # fmt: skip
+def test_reasoning_blocks_end_to_end(reasoning, final, value, gold):
+    # The gold itself sits in the reasoning, boxed: it must not count.
+    completion = f"<think>{reasoning}\\boxed{{{gold}}}</think>{final % value}"
+    assert verify_answer(str(gold), extract_answer(completion)) == float(value == gold)
+
+
+def _sep_boxes(parts, seps):
+    return (
+        "".join(f"\\boxed{{{p}}}{s}" for p, s in zip(parts[:-1], seps, strict=True))
+        + f"\\boxed{{{parts[-1]}}}"
+    )
+
+
+MULTI_PART_LAYOUTS = [
+    lambda p, seps: "The solutions are " + _sep_boxes(p, seps) + ".",
+    lambda p, seps: " and ".join(f"$x=\\boxed{{{v}}}$" for v in p),
+    lambda p, seps: "We get \\boxed{99}. So " + _sep_boxes(p, seps),  # an earlier box apart
+    lambda p, seps: "\\boxed{" + ", ".join(map(str, p)) + "}",
+    lambda p, seps: "<answer>" + ", ".join(map(str, p)) + "</answer>",
+    lambda p, seps: "The answer is " + ", ".join(map(str, p)) + ".",
+    lambda p, seps: "<think>\\boxed{99}</think>\\[\\boxed{" + "}\\] or \\[\\boxed{".join(map(str, p)) + "}\\]",
+]  # fmt: skip
+SEPARATORS = [", ", " and ", ", and ", " or ", "; ", " \\text{ and } ", "\n", " ", "$ and $"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(st.integers(-30, 30), min_size=2, max_size=4, unique=True),
+       layout=st.sampled_from(MULTI_PART_LAYOUTS), data=st.data())  # fmt: skip
+def test_multi_part_answers_are_graded_whole(parts, layout, data):
+    seps = data.draw(st.lists(st.sampled_from(SEPARATORS), min_size=len(parts) - 1,
+                              max_size=len(parts) - 1))  # fmt: skip
+    answer = extract_answer(layout(parts, seps))
+    gold = ", ".join(map(str, parts))
+    assert verify_answer(gold, answer) == 1.0, answer
+    shuffled = data.draw(st.permutations(parts))
+    assert verify_answer(", ".join(map(str, shuffled)), answer) == 1.0  # a set: any order
+    assert verify_answer(", ".join(map(str, parts[:-1])), answer) == 0.0  # a part missing
+    assert verify_answer(f"{gold}, 31", answer) == 0.0  # a part too many
+
+
+@settings(max_examples=30, deadline=None)
+@given(pair=st.lists(st.integers(-30, 30), min_size=2, max_size=3, unique=True),
+       form=st.sampled_from(["The answer is (%s).", "\\boxed{(%s)}", "<answer>(%s)</answer>"]))  # fmt: skip
+def test_ordered_tuples_keep_their_order(pair, form):
+    answer = extract_answer(form % ", ".join(map(str, pair)))
+    assert verify_answer("(" + ", ".join(map(str, pair)) + ")", answer) == 1.0
+    assert verify_answer("(" + ", ".join(map(str, pair[::-1])) + ")", answer) == 0.0
+
+
+def _decimal(x: Decimal) -> str:
+    """Positional notation with a decimal point ("1e-7" is not LaTeX; "85" would be exact)."""
+    s = format(x, "f")
+    return s if "." in s else s + ".0"
+
+
+# Relative offsets clearly inside and clearly outside the tolerance.
+INSIDE = st.floats(-0.9, 0.9)
+OUTSIDE = st.one_of(st.floats(1.1, 1e4), st.floats(-1e4, -1.1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(mantissa=st.integers(100_000, 999_999), exponent=st.integers(-40, 40),
+       inside=INSIDE, outside=OUTSIDE, negative=st.booleans())  # fmt: skip
+def test_decimals_match_within_relative_tolerance(mantissa, exponent, inside, outside, negative):
+    # The same rule at every scale: math-verify's fixed 6 decimals fail tiny and huge numbers.
+    getcontext().prec = 60
+    gold = Decimal(mantissa).scaleb(exponent - 5) * (-1 if negative else 1)
+
+    def pred(rel: float) -> str:
+        return _decimal(gold * (1 + Decimal(rel) * Decimal(REL_TOL)))
+
+    assert verify_answer(_decimal(gold), pred(inside)) == 1.0
+    assert verify_answer(_decimal(gold), pred(outside)) == 0.0
+    assert verify_answer(_decimal(gold), _decimal(-gold)) == 0.0  # the sign counts
+
+
+@settings(max_examples=30, deadline=None)
+@given(num=st.integers(-(10**6), 10**6), den=st.integers(2, 10**4), inside=INSIDE, outside=OUTSIDE)
+def test_exact_golds_against_decimals(num, den, inside, outside):
+    getcontext().prec = 60
+    exact = Fraction(num, den)
+    gold = f"\\frac{{{exact.numerator}}}{{{exact.denominator}}}"
+    value = Decimal(exact.numerator) / Decimal(exact.denominator)
+    if exact.denominator == 1:  # an integer gold is met exactly, never within a tolerance
+        assert verify_answer(gold, _decimal(value)) == 1.0
+        assert verify_answer(gold, _decimal(value + Decimal("1e-9"))) == 0.0
+        return
+    assert verify_answer(gold, _decimal(value * (1 + Decimal(inside) * Decimal(REL_TOL)))) == 1.0
+    assert verify_answer(gold, _decimal(value * (1 + Decimal(outside) * Decimal(REL_TOL)))) == 0.0
+    # exact against exact: equal values only, however close
+    assert verify_answer(gold, f"\\frac{{{exact.numerator * 3}}}{{{exact.denominator * 3}}}") == 1.0
+    assert verify_answer(gold, f"\\frac{{{exact.numerator * 10**12 + 1}}}{{{exact.denominator * 10**12}}}") == 0.0  # fmt: skip
