@@ -14,13 +14,14 @@ from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_
 from torchtune.training import FullModelHFCheckpointer
 from torchtune.training.lr_schedulers import get_cosine_schedule_with_warmup
 
-from packrl import checkpointing
 from packrl.checkpointing import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
 )
+from packrl.checkpointing import save as checkpoint_writer
+from packrl.models.convert import tune_to_hf
 
 DIMS = dict(
     vocab_size=64,
@@ -270,7 +271,7 @@ def test_adapter_loads_in_peft(model_type, use_dora, tmp_path, monkeypatch):
     base_sd = {k: v for k, v in base_sd.items() if not k.endswith("magnitude")}
     src = tmp_path / "source"
     src.mkdir()
-    hf = checkpointing.tune_to_hf(base_sd, model_type, config)
+    hf = tune_to_hf(base_sd, model_type, config)
     save_file({k: v.contiguous() for k, v in hf.items()}, src / "model.safetensors")
     (src / "config.json").write_text(json.dumps(config))
     model.eval()
@@ -386,7 +387,7 @@ def test_exception_mid_save_keeps_previous_checkpoint(source_dir, tmp_path, monk
     def boom(path, state):
         raise OSError("disk full (injected)")
 
-    monkeypatch.setattr(checkpointing, "_save_training_state", boom)
+    monkeypatch.setattr(checkpoint_writer, "_save_training_state", boom)
     with pytest.raises(OSError, match="injected"):
         save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir)
     assert latest_checkpoint(out) == out / "step_1"
@@ -405,12 +406,12 @@ def test_killed_mid_save_keeps_previous_checkpoint(source_dir, tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from test_checkpointing import tiny, load_source
         from pathlib import Path
-        from packrl import checkpointing
+        from packrl.checkpointing import save as checkpoint_writer
         src, out = Path({str(source_dir)!r}), Path({str(out)!r})
         model = load_source(tiny(), src)
-        checkpointing.save_checkpoint(out, 1, model=model, source_checkpoint_dir=src)
-        checkpointing._save_training_state = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
-        checkpointing.save_checkpoint(out, 2, model=model, source_checkpoint_dir=src)
+        checkpoint_writer.save_checkpoint(out, 1, model=model, source_checkpoint_dir=src)
+        checkpoint_writer._save_training_state = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        checkpoint_writer.save_checkpoint(out, 2, model=model, source_checkpoint_dir=src)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)

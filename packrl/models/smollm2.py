@@ -20,7 +20,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from torchtune.models.llama3_2 import llama3_2, lora_llama3_2
 from torchtune.modules import TransformerDecoder
 from torchtune.training import FullModelHFCheckpointer
 
+from packrl.atomic_dir import publish_dir, staged_dir
 from packrl.models.gguf_to_hf import convert_gguf_to_hf
 from packrl.models.weights import load_base_weights
 
@@ -147,30 +147,17 @@ def ensure_smollm2_checkpoint(out_dir: str | Path | None = None, force: bool = F
 
     print(f"packrl: converting {gguf_path.name} -> {out_dir} (about 10 s, 540 MB)", flush=True)
     start = time.perf_counter()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with staged_dir(out_dir) as tmp:
         convert_gguf_to_hf(gguf_path, tmp)
         (tmp / MARKER).write_text(json.dumps(record, indent=2) + "\n")
-        # mkdtemp makes a private directory; the cache is meant to be readable like any other.
-        tmp.chmod(0o755)
-        for f in tmp.iterdir():
-            f.chmod(0o644)
         if not force and _is_current(out_dir, record):
             return out_dir  # another process finished first; its copy is as good as ours
-        if out_dir.exists():
-            # Move the old directory aside first: rename cannot replace a non-empty directory.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "dir")
-            shutil.rmtree(old, ignore_errors=True)
         try:
-            os.replace(tmp, out_dir)
+            publish_dir(tmp, out_dir)
         except OSError:
-            # Another process finished first; its copy is as good as ours.
+            # Another process published between our check and our rename; as good as ours.
             if not _is_current(out_dir, record):
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"packrl: wrote {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
     return out_dir
 

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torchtune.modules.peft import get_adapter_params
 
-from packrl.checkpointing import (
+from packrl.models.convert import (
     PEFT_CONFIG_FILE,
     PEFT_WEIGHTS_FILE,
     peft_adapter_config,
