@@ -73,9 +73,11 @@ def test_humaneval_rows_and_sample():
     assert len(rows) == 164
     assert sum(len(r["tests"]) for r in rows) > 164  # check() split into one test per assert
     for r in rows[:4]:  # a quick sample; all 164 run in the slow test below
-        assert all(run_tests(r["canonical_solution"], r["tests"], r["preamble"])), r["task_id"]
-        stub = f"def {r['entry_point']}(*args, **kwargs):\n    return None\n"
-        assert not all(run_tests(stub, r["tests"], r["preamble"])), r["task_id"]
+        args = (r["tests"], r["preamble"])
+        ep = r["entry_point"]
+        assert all(run_tests(r["canonical_solution"], *args, entry_point=ep)), r["task_id"]
+        stub = f"def {ep}(*args, **kwargs):\n    return None\n"
+        assert not any(run_tests(stub, *args, entry_point=ep)), r["task_id"]
 
 
 def test_code_task_humaneval_split():
@@ -129,3 +131,69 @@ def test_humaneval_all_canonical_pass_and_stubs_pass_none():
     cols = {k: [r[k] for r in rows] for k in ("tests", "preamble", "entry_point")}
     assert code_pass_all(canonical, **cols) == [1.0] * 164
     assert code_pass_all(stubs, **cols) == [0.0] * 164
+
+
+# What crosses the process boundary between the tests and the solution
+# (packrl/execution/code_harness.py): (solution, tests, expected per test).
+BOUNDARY = {
+    "plain-values": (
+        "from fractions import Fraction\n"
+        "def f(x, scale=1):\n"
+        "    return [x * scale, (x,), {x: {x}}, frozenset([x]), b'x', 1j, Fraction(1, x), None]\n",
+        [
+            "assert f(2, scale=3) == [6, (2,), {2: {2}}, frozenset([2]), b'x', 1j, Fraction(1, 2), None]"
+        ],
+        [True],
+    ),
+    "subclasses-become-base-types": (
+        "from collections import Counter, OrderedDict, namedtuple\n"
+        "P = namedtuple('P', 'a b')\n"
+        "def f(s):\n    return Counter(s), OrderedDict(a=1), P(1, 2), True\n",
+        [
+            "assert f('aab') == ({'a': 2, 'b': 1}, {'a': 1}, (1, 2), True)",
+            "assert type(f('a')[0]) is dict",
+        ],
+        [True, True],
+    ),
+    "generators-and-objects": (
+        "def squares(n):\n    yield from (i * i for i in range(n))\n"
+        "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+        "def longest(pairs):\n    return max(p.b - p.a for p in pairs)\n",
+        [
+            "assert list(squares(4)) == [0, 1, 4, 9]",
+            "assert longest([Pair(1, 5), Pair(2, 3)]) == 4",
+            "assert Pair(1, 2).b == 2 and len(list(squares(3))) == 3",
+        ],
+        [True, True, True],
+    ),
+    "builtin-exceptions-keep-their-type": (
+        "def f(x):\n    raise ValueError('bad x')\n",
+        [
+            "try:\n    f(1)\nexcept ValueError as e:\n    assert 'bad x' in str(e)\nelse:\n    assert False"
+        ],
+        [True],
+    ),
+    "solution-imports-used-by-tests": (
+        "import math\ndef area(r):\n    return math.pi * r * r\n",
+        ["assert math.isclose(area(1), 3.14159, rel_tol=1e-3)"],
+        [True],
+    ),
+    # Documented limit: arguments are copies, so in-place changes are not seen.
+    "in-place-changes-are-not-seen": (
+        "def sort_in_place(xs):\n    xs.sort()\n",
+        ["xs = [3, 1, 2]\nsort_in_place(xs)\nassert xs == [1, 2, 3]"],
+        [False],
+    ),
+    # Documented limit: functions cannot be passed to the solution.
+    "functions-cannot-be-passed": (
+        "def apply(fn, x):\n    return fn(x)\n",
+        ["assert apply(lambda v: v + 1, 1) == 2"],
+        [False],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BOUNDARY))
+def test_process_boundary(name):
+    solution, tests, expected = BOUNDARY[name]
+    assert run_tests(solution, tests) == expected

@@ -68,7 +68,10 @@ def bench_humaneval(workers: int) -> dict:
 
         def score(i: int, completions: list[str] = completions) -> bool:
             code = extract_code(completions[i], rows[i]["entry_point"])
-            return all(run_tests(code, rows[i]["tests"], rows[i]["preamble"]))
+            row = rows[i]
+            return all(
+                run_tests(code, row["tests"], row["preamble"], entry_point=row["entry_point"])
+            )
 
         start = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:

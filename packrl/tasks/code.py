@@ -44,59 +44,7 @@ MAX_CODE_CHARS = 50_000
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
-_HARNESS = r"""
-import os, select, sys, time
-
-# Imported once here, not in every forked test (typing alone takes 20-40 ms).
-for _m in ("typing", "math", "re", "collections", "itertools", "functools", "heapq", "string",
-           "random", "copy", "fractions", "decimal", "hashlib", "bisect", "statistics"):
-    try:
-        __import__(_m)
-    except ImportError:
-        pass
-
-def _run_all(token, preamble, solution, tests, timeout, stop_on_fail):
-    for i, test in enumerate(tests):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            os.setpgid(0, 0)
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):  # the tests' output never reaches the harness's stdout
-                os.dup2(null, fd)
-            try:
-                ns = {"__name__": "solution"}
-                exec(compile(preamble, "preamble.py", "exec"), ns)
-                exec(compile(solution, "solution.py", "exec"), ns)
-                exec(compile(test, "test_%d.py" % i, "exec"), ns)
-                os.write(w, token)
-            except BaseException as e:
-                os.write(w, ("FAIL %s: %s" % (type(e).__name__, e))[:300].encode("utf-8", "replace"))
-            os._exit(0)
-        os.close(w)
-        data, deadline = b"", time.monotonic() + timeout
-        while len(data) < 4096:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([r], [], [], left)[0]:
-                data = b"FAIL timeout"
-                break
-            chunk = os.read(r, 4096)
-            if not chunk:
-                break
-            data += chunk
-        os.close(r)
-        try:
-            os.killpg(pid, 9)
-        except OSError:
-            pass
-        os.waitpid(pid, 0)
-        status = "PASS" if data == token else (data.decode("utf-8", "replace") or "FAIL no report")
-        sys.stdout.write("%s %d %s\n" % (token.decode(), i, status.replace("\n", " ")))
-        sys.stdout.flush()
-        if stop_on_fail and status != "PASS":
-            return
-"""
+_HARNESS = (Path(__file__).parents[1] / "execution" / "code_harness.py").read_text()
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str | None:
@@ -121,17 +69,29 @@ def run_tests(
     test_timeout_s: float = TEST_TIMEOUT_S,
     stop_on_fail: bool = False,
     limits: Limits | None = None,
+    entry_point: str | None = None,
 ) -> list[bool]:
     """Runs each test against ``solution`` in one sandbox run; one bool per test.
 
-    ``stop_on_fail`` skips the remaining tests after a failure (they count as failed), for
-    all-or-nothing scoring.
+    The tests run in processes the solution cannot reach and call its functions across a
+    process boundary (``packrl.execution.code_harness``). ``entry_point`` names the function
+    the tests call; it is taken from the solution even when the preamble defines it (as
+    HumanEval's prompt does). ``stop_on_fail`` skips the remaining tests after a failure
+    (they count as failed), for all-or-nothing scoring.
     """
     if not tests:
         return []
     token = "OK-" + secrets.token_hex(16)
-    args = (token.encode(), preamble, solution, list(tests), test_timeout_s, stop_on_fail)
-    program = _HARNESS + f"\n_run_all(*{args!r})\n"
+    job = {
+        "token": token,
+        "preamble": preamble,
+        "solution": solution,
+        "tests": list(tests),
+        "entry_point": entry_point,
+        "timeout": test_timeout_s,
+        "stop_on_fail": stop_on_fail,
+    }
+    program = f"SOURCE = {_HARNESS!r}\n{_HARNESS}\nmain(SOURCE, {job!r})\n"
     limits = limits or Limits(
         timeout_s=min(test_timeout_s * len(tests) + 5.0, MAX_RUN_S),
         cpu_s=int(test_timeout_s + 1),
@@ -174,7 +134,14 @@ def _score(
         code = extract_code(completions[i], entry_point[i])
         if code is None or len(code) > MAX_CODE_CHARS or not tests[i]:
             return 0.0
-        passed = run_tests(code, tests[i], preamble[i] or "", test_timeout_s, all_or_nothing)
+        passed = run_tests(
+            code,
+            tests[i],
+            preamble[i] or "",
+            test_timeout_s,
+            all_or_nothing,
+            entry_point=entry_point[i],
+        )
         if all_or_nothing:
             return float(all(passed))
         return sum(passed) / len(passed)
