@@ -170,6 +170,11 @@ def test_arithmetic_accuracy_rejects_unevaluated_expressions():
     assert math_accuracy(completions, ["40"] * 5) == [1.0, 1.0, 1.0, 1.0, 0.0]
     assert arithmetic_accuracy(completions, ["40"] * 5) == [0.0, 0.0, 1.0, 1.0, 0.0]
     assert arithmetic_accuracy(["\\boxed{-\\frac{3}{4}}"], ["-\\frac{3}{4}"]) == [1.0]
+    # The same final answer math_accuracy grades: TRL message completions, reasoning blocks.
+    messages = [[{"role": "assistant", "content": c}] for c in ("\\boxed{17 + 23}", "\\boxed{40}")]
+    assert arithmetic_accuracy(messages, ["40"] * 2) == [0.0, 1.0]
+    assert arithmetic_accuracy(["<think>\\boxed{40}</think>\\boxed{17 + 23}"], ["40"]) == [0.0]
+    assert arithmetic_accuracy(["<think>\\boxed{17 + 23}</think>\\boxed{40}"], ["40"]) == [1.0]
 
 
 # --- issue 10: every listed input, with its right value ---------------------------------

@@ -23,9 +23,11 @@ import random
 import re
 from collections.abc import Callable, Sequence
 from fractions import Fraction
+from typing import Any
 
 from packrl.tasks.base import Row, Task
-from packrl.tasks.math import boxed_format, extract_answer, math_accuracy
+from packrl.tasks.math import boxed_format, completion_text, extract_answer, math_accuracy
+from packrl.tasks.shaping import prompt_opens_think
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
 
@@ -34,16 +36,24 @@ INSTRUCTION = "Put your final answer in \\boxed{}."
 _UNEVALUATED = re.compile(r"\d\s*(?:[-+*/^x\u00d7\u00f7]|\\times|\\cdot|\\div)\s*[\d(\\]")
 
 
-def arithmetic_accuracy(completions: Sequence[str], answer: Sequence[str], **kwargs) -> list[float]:
+def arithmetic_accuracy(
+    completions: Sequence[Any],
+    answer: Sequence[str],
+    prompts: Sequence[Any] | None = None,
+    **kwargs: Any,
+) -> list[float]:
     """Reward: ``math_accuracy``, but 0.0 when the final answer is still an expression.
 
     math-verify evaluates "\\boxed{17 + 23}" to 40, so copying the question into the box
     would score; a trained model finds that in a few steps. "17 + 23 = 40" still counts
-    (only the part after the last "=" must be a plain value).
+    (only the part after the last "=" must be a plain value). The final answer is the one
+    ``math_accuracy`` grades (``packrl.tasks.math.extract_answer``).
     """
-    rewards = math_accuracy(completions, answer, **kwargs)
+    rewards = math_accuracy(completions, answer, prompts=prompts, **kwargs)
     for i, completion in enumerate(completions):
-        final = (extract_answer(completion) or "").rsplit("=", 1)[-1]
+        opened = prompts is not None and prompt_opens_think(prompts[i])
+        final = extract_answer(completion_text(completion), opened) or ""
+        final = final.rsplit("=", 1)[-1]
         if _UNEVALUATED.search(final):
             rewards[i] = 0.0
     return rewards
