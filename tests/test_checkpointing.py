@@ -1,5 +1,7 @@
+import hashlib
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -502,6 +504,16 @@ def test_smollm2_checkpoint_round_trips_through_torchtune(smollm2_dir, smollm2_m
     expected = smollm2_model.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    # The fault of issue 15: 1 MiB of zeros inside model.safetensors, same size. Resume used to
+    # accept it; now it is refused, before anything is loaded into the (shared) model.
+    weights = step_dir / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.seek(100 * 2**20)
+        f.write(bytes(2**20))
+    assert weights.stat().st_size == size
+    with pytest.raises(CheckpointError, match=f"{weights} is corrupt: its sha256 differs"):
+        load_checkpoint(step_dir, model=smollm2_model)
 
 
 def test_qwen2_uses_its_own_conversion(tmp_path):
@@ -557,3 +569,155 @@ def test_qwen2_uses_its_own_conversion(tmp_path):
     load_checkpoint(tmp_path / "out", model=again)
     for (n, a), b in zip(lora.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), n
+
+
+# ----------------------------------------------------------------- verified checkpoints
+
+
+def test_manifest_checksums_every_file(source_dir, tmp_path):
+    model = load_source(tiny(lora=True), source_dir)
+    step_dir = save_checkpoint(tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir)
+    meta = json.loads((step_dir / "packrl_checkpoint.json").read_text())
+    on_disk = {p.name for p in step_dir.iterdir()} - {"packrl_checkpoint.json"}
+    assert set(meta["checksums"]) == on_disk and "training_state.pt" in on_disk
+    for name, want in meta["checksums"].items():
+        data = (step_dir / name).read_bytes()
+        assert want == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+def test_corrupt_or_truncated_file_names_it_and_the_previous_checkpoint(source_dir, tmp_path):
+    """Zeros written inside model.safetensors (same size) and a truncated training state are
+    errors naming the file and how to fall back to the previous complete checkpoint."""
+    out = tmp_path / "out"
+    model = load_source(tiny(), source_dir)
+    opt, sched = setup_training(model)
+    save_checkpoint(out, 1, model=model, source_checkpoint_dir=source_dir, optimizer=opt)
+    train_step(model, opt, sched)
+    step_2 = save_checkpoint(out, 2, model=model, source_checkpoint_dir=source_dir, optimizer=opt)
+
+    weights = step_2 / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:  # zeros over the second half of the tensor data
+        f.seek(size // 2)
+        f.write(bytes(size - size // 2))
+    assert weights.stat().st_size == size
+    fresh = tiny(seed=9)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(out, model=fresh, optimizer=setup_training(fresh)[0])
+    msg = str(e.value)
+    assert f"{weights} is corrupt" in msg and "sha256 differs" in msg
+    assert f"previous complete checkpoint is {out / 'step_1'}" in msg
+    assert f"write 'step_1' into {out / 'latest'}" in msg
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())  # untouched
+
+    state = step_2 / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:1000])
+    with pytest.raises(
+        CheckpointError, match=r"training_state.pt is corrupt: 1000 bytes, \d+ when"
+    ):
+        load_checkpoint(out, model=tiny())
+    # the hint works: point latest at step_1 and resume from it
+    (out / "latest").write_text("step_1\n")
+    assert load_checkpoint(out, model=fresh, optimizer=setup_training(fresh)[0])["step"] == 1
+    # the first checkpoint has no earlier one to point at
+    (out / "step_1" / "training_state.pt").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="no earlier complete checkpoint in"):
+        load_checkpoint(out, model=tiny())
+
+
+def test_old_checkpoint_without_checksums_still_loads(source_dir, tmp_path, caplog):
+    model = load_source(tiny(), source_dir)
+    step_dir = save_checkpoint(tmp_path / "out", 1, model=model, source_checkpoint_dir=source_dir)
+    meta_file = step_dir / "packrl_checkpoint.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["checksums"]  # as packrl wrote them before checksums
+    meta_file.write_text(json.dumps(meta))
+    fresh = tiny(seed=3)
+    with caplog.at_level("INFO", logger="packrl.checkpointing"):
+        assert load_checkpoint(step_dir, model=fresh)["step"] == 1
+    assert "has no checksums" in caplog.text and "unverified" in caplog.text
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters(), strict=True)
+    )
+    # unverified, a truncated weights file still gets an error naming it (not a bare
+    # SafetensorError)
+    weights = step_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=f"{weights} is corrupt or truncated"):
+        load_checkpoint(step_dir, model=tiny())
+
+
+def _unshare_tmpfs_works() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d; rmdir $d"
+    try:
+        return subprocess.run(["unshare", "-Urm", "sh", "-c", probe]).returncode == 0
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not _unshare_tmpfs_works(), reason="cannot mount a tmpfs in a namespace")
+def test_full_disk_names_the_path_and_space_and_keeps_latest(source_dir, tmp_path):
+    """A real full disk: a 320 KiB tmpfs, mounted in a private mount namespace. Step 1 (104 KB)
+    fits. Step 2 with AdamW state (285 KB) does not, and is refused before writing; step 3
+    fits but the disk fills up while its training state is written (another writer takes the
+    space). Both leave `latest` at step 1, which loads, and no debris."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import json, os, shutil, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_checkpointing import tiny, load_source, setup_training, train_step
+        from packrl.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+        from packrl.checkpointing import save as writer
+        src, disk = Path({str(source_dir)!r}), Path({str(disk)!r})
+        out = disk / "out"
+        model = load_source(tiny(), src)
+        save_checkpoint(out, 1, model=model, source_checkpoint_dir=src)
+        errors = []
+        opt, sched = setup_training(model)
+        train_step(model, opt, sched)  # AdamW state: 2 more copies of the weights
+        try:
+            save_checkpoint(out, 2, model=model, source_checkpoint_dir=src, optimizer=opt)
+        except CheckpointError as e:
+            errors.append(str(e))
+        real_save = writer._save_training_state
+        def fill_then_save(path, state):  # someone else fills the disk mid-save
+            with open(disk / "filler", "wb") as f:
+                try:
+                    while True:
+                        f.write(bytes(4096)); f.flush()
+                except OSError:
+                    pass
+            real_save(path, state)
+        writer._save_training_state = fill_then_save
+        try:
+            save_checkpoint(out, 3, model=model, source_checkpoint_dir=src)
+        except CheckpointError as e:
+            errors.append(str(e))
+        (disk / "filler").unlink()
+        print(json.dumps({{
+            "errors": errors,
+            "listing": sorted(p.name for p in out.iterdir()),
+            "loaded_step": load_checkpoint(out, model=tiny(seed=5))["step"],
+        }}))
+        """
+    )
+    mount = f'mount -t tmpfs -o size=320k tmpfs {disk} && exec {sys.executable} -c "$0"'
+    proc = subprocess.run(
+        ["unshare", "-Urm", "sh", "-c", mount, script], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    refused, mid_save = result["errors"]
+    out = disk / "out"
+    assert f"cannot save checkpoint {out / 'step_2'}: not enough space" in refused
+    assert "(checked before writing)" in refused
+    needed = float(re.search(r"needs about ([\d.]+) MB", refused).group(1))
+    assert 0.24 < needed < 0.29  # weights + AdamW's two moments of 21k fp32 parameters
+    assert f"{out / 'latest'} still points at step_1" in refused
+    assert f"cannot save checkpoint {out / 'step_3'}: not enough space" in mid_save
+    assert "while writing it" in mid_save and "0.00 MB is free" in mid_save
+    assert result["listing"] == ["latest", "step_1"] and result["loaded_step"] == 1

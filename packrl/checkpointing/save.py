@@ -308,7 +308,7 @@ def _bytes_needed(state_dict: dict, training_state: dict, source: Path, adapter_
 
 
 def _full_disk_error(
-    target: Path, needed: int, free: int, writing: str, cause: BaseException | None = None
+    target: Path, needed: int, free: int, when: str, cause: BaseException | None = None
 ) -> CheckpointError:
     try:
         latest = latest_checkpoint(target.parent)
@@ -316,8 +316,8 @@ def _full_disk_error(
     except CheckpointError as e:
         where = f"is unchanged ({e})"
     return CheckpointError(
-        f"cannot save checkpoint {target}: no space left on the disk while writing {writing} "
-        f"(the checkpoint needs about {needed / _MB:,.0f} MB, {free / _MB:,.0f} MB is free"
+        f"cannot save checkpoint {target}: not enough space on its disk {when} "
+        f"(the checkpoint needs about {needed / _MB:,.2f} MB, {free / _MB:,.2f} MB is free"
         f"{f'; {type(cause).__name__}: {cause}' if cause else ''}). "
         f"{target.parent / LATEST_FILE} {where}. Free space on that disk, keep fewer "
         "checkpoints (keep_last_checkpoints), or set output_dir on a larger disk."
@@ -342,7 +342,7 @@ def _save_on_rank0(
     )
     free = shutil.disk_usage(out_dir).free
     if free < needed:
-        raise _full_disk_error(target, needed, free, writing="nothing yet: checked beforehand")
+        raise _full_disk_error(target, needed, free, when="(checked before writing)")
     with staged_dir(target) as tmp:
         try:
             meta, adapter = _write_checkpoint_files(tmp, step, **file_args)
@@ -360,7 +360,5 @@ def _save_on_rank0(
             free = shutil.disk_usage(out_dir).free
             full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
             if full or free < needed - written:
-                files = sorted(tmp.iterdir(), key=lambda f: f.stat().st_mtime) if written else []
-                writing = str(files[-1]) if files else str(tmp)
-                raise _full_disk_error(target, needed, free, writing, cause=e) from e
+                raise _full_disk_error(target, needed, free, "while writing it", cause=e) from e
             raise
