@@ -68,8 +68,11 @@ def tiny(seed=0, lora=False):
 
 @pytest.fixture()
 def source_dir(tmp_path):
+    return make_source(tmp_path / "source")
+
+
+def make_source(src: Path) -> Path:
     """An HF model dir for the tiny model: weights, config, a tokenizer file, a GGUF marker."""
-    src = tmp_path / "source"
     src.mkdir()
     sd = tiny(seed=123).state_dict()
     hf = convert_weights.tune_to_hf(sd, num_heads=4, num_kv_heads=2, dim=32, head_dim=8)

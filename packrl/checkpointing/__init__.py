@@ -15,10 +15,14 @@ directory write in ``packrl.atomic_dir``. See docs/checkpointing.md.
 
 from packrl.checkpointing.layout import CheckpointError, latest_checkpoint
 from packrl.checkpointing.load import load_checkpoint, saved_config
+from packrl.checkpointing.run_dir import OutputDirError, RunLock, claim_output_dir
 from packrl.checkpointing.save import save_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "OutputDirError",
+    "RunLock",
+    "claim_output_dir",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
