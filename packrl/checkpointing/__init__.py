@@ -13,6 +13,7 @@ The torchtune <-> HF/PEFT key conversion lives in ``packrl.models.convert``; the
 directory write in ``packrl.atomic_dir``. See docs/checkpointing.md.
 """
 
+from packrl.checkpointing.config_diff import ConfigChangeError, ConfigDiff, config_changes
 from packrl.checkpointing.layout import CheckpointError, latest_checkpoint
 from packrl.checkpointing.load import load_checkpoint, saved_config
 from packrl.checkpointing.run_dir import OutputDirError, RunLock, claim_output_dir
@@ -20,9 +21,12 @@ from packrl.checkpointing.save import save_checkpoint
 
 __all__ = [
     "CheckpointError",
+    "ConfigChangeError",
+    "ConfigDiff",
     "OutputDirError",
     "RunLock",
     "claim_output_dir",
+    "config_changes",
     "latest_checkpoint",
     "load_checkpoint",
     "save_checkpoint",
