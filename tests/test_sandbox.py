@@ -43,8 +43,11 @@ def assert_clean_after():
 
 
 def test_isolation_layers_on_this_machine():
-    # The dev/CI machines have unshare and libseccomp; a partial setup must be visible.
+    # The dev/CI machines have unshare, libseccomp and cgroup v1 (as root); a partial setup
+    # must be visible.
     assert ISO.namespaces and ISO.seccomp, ISO.describe()
+    if os.geteuid() == 0:
+        assert ISO.cgroup, ISO.describe()
 
 
 def test_normal_program_runs_and_can_use_its_tmp():
@@ -106,7 +109,7 @@ def test_memory_bomb():
         "except MemoryError:\n"
         "    print(len(chunks) * 10)\n"
         "    raise\n",
-        Limits(timeout_s=10, memory_mb=256),
+        Limits(timeout_s=10, memory_mb=256, max_processes=4),
     )
     assert not res.ok and "MemoryError" in res.stderr
     assert int(res.stdout) < 256  # never got past the address-space limit
@@ -153,8 +156,8 @@ def test_write_outside_tmp(tmp_path):
     assert res.ok, res
     for target in targets:
         assert not os.path.exists(target), target
-    if ISO.namespaces:  # /tmp inside is its private tmpfs; everything else is read-only
-        assert res.stdout == "1 fine\n"
+    if ISO.namespaces:  # /tmp and /dev/shm inside are private tmpfs; the rest is read-only
+        assert res.stdout == "2 fine\n"
     assert_clean_after()
 
 
@@ -276,3 +279,101 @@ def test_sandbox_dies_with_the_trainer():
     while sandbox_pids() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_pids() == [], "the sandbox outlived its trainer"
+
+
+# The issue's case: memory_mb=64 and max_processes=8 let seven forked children hold 40 MiB
+# each (281 MiB in all) when the limit was per process. With a cgroup, 64 MiB is for the
+# whole sandbox; without one, each process gets memory_mb / max_processes.
+MEMORY_CASES = []
+if ISO.cgroup:
+    MEMORY_CASES.append(pytest.param(ISO, 64, id="cgroup"))
+MEMORY_CASES.append(pytest.param(dataclasses.replace(ISO, cgroup=False), 8 * 48, id="split"))
+# Seven children each fill 40 MiB, say so, and stay. After 3 s the parent prints how many
+# MiB the children still alive hold at once (to keep within a cgroup's limit the kernel
+# kills some of them).
+FORKING_MEMORY_HOG = """
+import os, select, struct, time
+r, w = os.pipe()
+for _ in range(7):
+    if os.fork() == 0:
+        try:
+            block = bytearray(b'1') * (40 << 20)
+            os.write(w, struct.pack('i', os.getpid()))
+        except MemoryError:
+            pass
+        time.sleep(60)
+        os._exit(0)
+holders, end = [], time.monotonic() + 3
+while time.monotonic() < end:
+    if select.select([r], [], [], 0.1)[0]:
+        holders.append(struct.unpack('i', os.read(r, 4))[0])
+alive = [pid for pid in holders if os.waitpid(pid, os.WNOHANG) == (0, 0)]
+print(40 * len(alive), flush=True)
+"""
+
+
+@pytest.mark.parametrize("layers,memory_mb", MEMORY_CASES)
+def test_forking_program_memory_is_bounded_for_the_whole_sandbox(layers, memory_mb):
+    limits = Limits(timeout_s=10, memory_mb=memory_mb, max_processes=8)
+    res = run_python(FORKING_MEMORY_HOG, limits, layers=layers)
+    held_mib = int(res.stdout or 0)  # no output: the kernel killed the parent instead
+    assert held_mib <= memory_mb, (held_mib, res)
+    assert not res.timed_out
+    assert_clean_after()
+
+
+HOST_SOCKET_DIRS = ["/dev/shm", "/tmp", "/var/tmp"]
+
+
+@pytest.mark.parametrize("layers", LAYERS)
+def test_host_unix_sockets_unreachable(layers):
+    # Without seccomp only the directories the mount namespace hides are out of reach.
+    dirs = HOST_SOCKET_DIRS if layers.seccomp else ["/dev/shm", "/tmp"]
+    tag = uuid.uuid4().hex
+    servers, paths = [], []
+    try:
+        for d in dirs:
+            for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+                path = f"{d}/packrl-test-{tag}-{kind}.sock"
+                server = socket.socket(socket.AF_UNIX, kind)
+                server.bind(path)
+                os.chmod(path, 0o777)  # world-writable: any local user could connect
+                if kind == socket.SOCK_STREAM:
+                    server.listen(4)
+                server.settimeout(0.3)
+                servers.append((server, kind))
+                paths.append(path)
+        res = run_python(
+            "import socket, sys\n"
+            "a, b = socket.socketpair()\n"
+            "a.sendall(b'ping')\n"
+            "print('socketpair', b.recv(4).decode())\n"
+            "for path in sys.argv[1:]:\n"
+            "    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):\n"
+            "        try:\n"
+            "            s = socket.socket(socket.AF_UNIX, kind)\n"
+            "            s.connect(path)\n"
+            "            s.send(b'leak')\n"
+            "            print('reached', path)\n"
+            "        except OSError:\n"
+            "            pass\n"
+            "    for kind in (socket.SOCK_DGRAM, socket.SOCK_SEQPACKET, socket.SOCK_STREAM):\n"
+            "        try:\n"
+            "            socket.socketpair(socket.AF_UNIX, kind)[0].sendto(b'leak', path)\n"
+            "            print('reached by socketpair', path)\n"
+            "        except OSError:\n"
+            "            pass\n",
+            Limits(timeout_s=10),
+            argv=paths,
+            layers=layers,
+        )
+        assert res.ok, res
+        assert res.stdout.splitlines() == ["socketpair ping"], res.stdout
+        for server, kind in servers:
+            with pytest.raises(TimeoutError):  # nothing ever arrived
+                server.accept() if kind == socket.SOCK_STREAM else server.recv(16)
+    finally:
+        for server, _ in servers:
+            server.close()
+        for path in paths:
+            os.unlink(path)

@@ -5,15 +5,20 @@
 - **namespaces** (``unshare``, util-linux): new network namespace (only a downed loopback,
   so no connection reaches any host, not even 127.0.0.1), new PID namespace (the program
   cannot see or signal anything outside; when it exits, everything it started dies), and new
-  mount namespace: every mount is read-only and ``/tmp`` is a fresh tmpfs of
-  ``limits.tmpfs_mb`` that is the program's own temporary directory and working directory.
+  mount namespace: every mount is read-only, ``/tmp`` is a fresh tmpfs of
+  ``limits.tmpfs_mb`` that is the program's own temporary directory and working directory,
+  ``/dev/shm`` is private and ``/run`` empty (host sockets live there).
   Without root this uses a user namespace (``unshare --user --map-root-user``).
 - **a user of its own**: as root, the program runs as an otherwise unused uid
   (``UID_BASE + slot``, one per concurrently running sandbox), so ``RLIMIT_NPROC`` bites per
   sandbox and the program owns no host file.
+- **a cgroup** (v1 ``memory`` and ``pids``, as root; ``packrl.execution.cgroup``): memory
+  and processes bounded for the whole sandbox, not per process. Without one, the memory
+  budget is split evenly across ``max_processes`` (RLIMIT_AS each), so the sum is bounded.
 - **resource limits**: CPU seconds, address space, processes, file size, open files, no core.
-- **seccomp** (when libseccomp is installed): ``socket()`` for any family but ``AF_UNIX``
-  fails, a second wall against the network.
+- **seccomp** (when libseccomp is installed): ``socket()`` fails for every family, and
+  ``socketpair()`` for datagram sockets: no network and no host Unix socket, whatever its
+  path, while connected stream pairs still work.
 - **deadline and output cap**: at ``limits.timeout_s`` or once stdout+stderr pass
   ``limits.max_output_bytes``, the whole process group is killed (SIGKILL). If the trainer
   itself dies, ``setpriv --pdeathsig KILL`` takes the sandbox down with it.
@@ -45,11 +50,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from packrl.execution.cgroup import CgroupRun, remove_stale
+
 log = logging.getLogger(__name__)
 
 CHILD_SCRIPT = str(Path(__file__).with_name("sandbox_child.py"))
 # Sandbox uids, one per concurrently running sandbox; far above normal and subordinate ids.
 UID_BASE = 1_990_000_000
+# Address space below which the sandbox's Python cannot start with the standard library.
+MIN_PROCESS_MEMORY = 24 * 2**20
 NAMESPACE_FLAGS = ["--net", "--pid", "--mount", "--fork", "--kill-child", "--mount-proc"]
 
 
@@ -60,8 +69,12 @@ class Limits:
     Attributes:
         timeout_s: wall-clock deadline; the process group is killed at it.
         cpu_s: CPU seconds (RLIMIT_CPU); default: ``timeout_s`` rounded up.
-        memory_mb: address space per process (RLIMIT_AS).
-        max_processes: processes the sandbox user may run (RLIMIT_NPROC).
+        memory_mb: memory of the whole sandbox, all its processes together: the limit of
+            its cgroup where the machine has one (each process also gets it as RLIMIT_AS);
+            otherwise RLIMIT_AS of ``memory_mb / max_processes`` per process, so that the
+            sum stays bounded.
+        max_processes: processes (and threads) of the sandbox: its cgroup's ``pids.max``
+            and the sandbox user's RLIMIT_NPROC.
         max_output_bytes: stdout + stderr kept; more kills the program.
         max_file_mb: largest file it may write (RLIMIT_FSIZE).
         tmpfs_mb: size of its private /tmp (namespaces only).
@@ -100,12 +113,16 @@ class Isolation:
     user_switch: bool
     seccomp: bool
     python: str
+    cgroup: bool = False
 
     def describe(self) -> str:
         parts = [
             "network+PID+mount namespaces" if self.namespaces else "NO namespaces",
             "own uid" if self.user_switch else "same uid as the trainer",
-            "seccomp socket filter" if self.seccomp else "no seccomp",
+            "seccomp socket filter" if self.seccomp else "NO seccomp (host Unix sockets reachable)",
+            "cgroup memory+pids for the whole sandbox"
+            if self.cgroup
+            else "no cgroup (memory split evenly across max_processes)",
         ]
         return ", ".join(parts) + f", python {self.python}"
 
@@ -169,14 +186,16 @@ def isolation() -> Isolation:
     root = os.geteuid() == 0
     seccomp = _probe(python, namespaces=False, seccomp=True)
     namespaces = shutil.which("unshare") is not None and _probe(python, True, seccomp)
-    iso = Isolation(namespaces=namespaces, user_switch=root, seccomp=seccomp, python=python)
-    if not (namespaces and seccomp):
+    remove_stale()
+    with_cgroup = _probe(python, namespaces, seccomp, with_cgroup=True)
+    iso = Isolation(namespaces, root, seccomp, python, with_cgroup)
+    if not (namespaces and seccomp and with_cgroup):
         log.warning("sandbox isolation is partial on this machine: %s", iso.describe())
     return iso
 
 
-def _probe(python: str, namespaces: bool, seccomp: bool) -> bool:
-    iso = Isolation(namespaces, os.geteuid() == 0, seccomp, python)
+def _probe(python: str, namespaces: bool, seccomp: bool, with_cgroup: bool = False) -> bool:
+    iso = Isolation(namespaces, os.geteuid() == 0, seccomp, python, with_cgroup)
     result = _run(iso, "print('ok')", Limits(timeout_s=30), probing=True)
     return result.returncode == 0 and result.stdout.strip() == "ok"
 
@@ -216,7 +235,25 @@ def _run(
     root = os.geteuid() == 0
     uid = _uids.take() if iso.user_switch else None
     hostdir = None
+    group = None
     try:
+        memory = limits.memory_mb * 2**20
+        if iso.cgroup:
+            try:
+                group = CgroupRun.create(memory, limits.max_processes)
+            except OSError as e:
+                if probing:
+                    raise
+                log.warning("sandbox: no cgroup for this run (%s); splitting memory instead", e)
+        if group is None:  # no group to bound the sum: each process gets its share
+            memory //= limits.max_processes
+            if memory < MIN_PROCESS_MEMORY and not probing:
+                log.warning(
+                    "sandbox: without a cgroup each process gets memory_mb / max_processes = "
+                    "%d MiB, too little for Python to start; raise Limits.memory_mb or lower "
+                    "Limits.max_processes",
+                    memory >> 20,
+                )
         if iso.namespaces:
             workdir = "/tmp"  # the fresh tmpfs inside the mount namespace
             prefix = ["unshare", *NAMESPACE_FLAGS] + ([] if root else ["--map-root-user"])
@@ -238,10 +275,11 @@ def _run(
             "gid": uid,
             "tmpfs_mb": limits.tmpfs_mb,
             "seccomp": iso.seccomp,
+            "cgroups": group.procs_files if group else [],
             "argv": argv or [],
             "rlimits": {
                 "RLIMIT_CPU": cpu_s,
-                "RLIMIT_AS": limits.memory_mb * 2**20,
+                "RLIMIT_AS": memory,
                 "RLIMIT_NPROC": nproc,
                 "RLIMIT_FSIZE": limits.max_file_mb * 2**20,
                 "RLIMIT_NOFILE": 256,
@@ -255,6 +293,8 @@ def _run(
             return SandboxResult(-1, "", "", False, False, 0.0)
         raise
     finally:
+        if group is not None:  # also kills what is left: processes that escaped the group kill
+            group.destroy()
         if uid is not None:
             _uids.give_back(uid)
         if hostdir is not None:

@@ -6,12 +6,13 @@ namespaces when those are available. Standard library only: it runs under the sa
 interpreter (``/usr/bin/python3`` when root), which need not have packrl installed.
 
 Steps, each only when the config asks for it:
-1. read the program from stdin, then point stdin at /dev/null;
-2. private file system: every mount read-only (recursively), and a fresh size-limited tmpfs
-   on /tmp as the program's own temporary directory (gone when the namespace dies);
+1. read the program from stdin, then point stdin at /dev/null; join the run's cgroups;
+2. private file system: every mount read-only (recursively), a fresh size-limited tmpfs
+   on /tmp as the program's own temporary directory (gone when the namespace dies), a
+   private /dev/shm and an empty /run;
 3. write ``main.py`` into the work directory and hand it to the sandbox user;
 4. empty the capability bounding set (so even namespace root gets no capabilities at exec),
-   drop to that user (root only), set resource limits, block non-Unix sockets with seccomp
+   drop to that user (root only), set resource limits, block ``socket()`` with seccomp
    (when libseccomp is present), and exec the interpreter.
 A step that fails exits with status 125 and a message: the program never runs half-isolated.
 """
@@ -77,8 +78,12 @@ def make_everything_read_only() -> None:
                 fail(f"read-only remount of {target}")
 
 
-def block_network_sockets() -> bool:
-    """seccomp: socket() for any family but AF_UNIX fails with EPERM. False if unavailable."""
+def block_sockets() -> bool:
+    """seccomp: ``socket()`` fails with EPERM for every family, and ``socketpair()`` for
+    datagram sockets. Without ``socket()`` nothing can reach the network or a host Unix
+    socket by path; the stream and seqpacket pairs that ``socketpair()`` still makes are
+    connected to each other only (``connect``/``sendto`` on them fail with EISCONN), while a
+    datagram pair could ``sendto`` any path (/dev/log). False if libseccomp is missing."""
     path = ctypes.util.find_library("seccomp")
     if not path:
         return False
@@ -95,15 +100,20 @@ def block_network_sockets() -> bool:
             ("datum_b", ctypes.c_uint64),
         ]
 
-    scmp_act_allow, scmp_act_eperm, scmp_cmp_ne, af_unix = 0x7FFF0000, 0x00050000 | 1, 1, 1
+    # Constants from seccomp.h: SCMP_ACT_ALLOW, SCMP_ACT_ERRNO(EPERM), SCMP_CMP_MASKED_EQ.
+    scmp_act_allow, scmp_act_eperm, scmp_cmp_masked_eq = 0x7FFF0000, 0x00050000 | 1, 7
+    sock_type_mask, sock_dgram = 0xF, 2  # the type argument also carries SOCK_CLOEXEC etc.
     sec.seccomp_init.restype = ctypes.c_void_p
     ctx = ctypes.c_void_p(sec.seccomp_init(ctypes.c_uint32(scmp_act_allow)))
     if not ctx:
         fail("seccomp_init")
-    nr = sec.seccomp_syscall_resolve_name(b"socket")
-    cmp = ArgCmp(0, scmp_cmp_ne, af_unix, 0)
-    if sec.seccomp_rule_add_array(ctx, ctypes.c_uint32(scmp_act_eperm), nr, 1, ctypes.byref(cmp)):
-        fail("seccomp_rule_add")
+    eperm = ctypes.c_uint32(scmp_act_eperm)
+    if sec.seccomp_rule_add_array(ctx, eperm, sec.seccomp_syscall_resolve_name(b"socket"), 0, None):
+        fail("seccomp_rule_add socket")
+    dgram = ArgCmp(1, scmp_cmp_masked_eq, sock_type_mask, sock_dgram)
+    nr = sec.seccomp_syscall_resolve_name(b"socketpair")
+    if sec.seccomp_rule_add_array(ctx, eperm, nr, 1, ctypes.byref(dgram)):
+        fail("seccomp_rule_add socketpair")
     if sec.seccomp_load(ctx):  # also sets no_new_privs
         fail("seccomp_load")
     return True
@@ -116,19 +126,29 @@ def main() -> None:
     os.dup2(devnull, 0)
     os.close(devnull)
 
+    for procs in cfg["cgroups"]:  # first, so that every process of the run is born inside
+        try:
+            with open(procs, "w") as f:
+                f.write("0")  # cgroup v1: "0" moves the writing process
+        except OSError as e:
+            ctypes.set_errno(e.errno or 0)
+            fail(f"joining cgroup {procs}")
+
     workdir = cfg["workdir"]
     uid, gid = cfg["uid"], cfg["gid"]
     if cfg["private_fs"]:
         mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing leaks back to the host
         make_everything_read_only()
         owner = f",uid={uid},gid={gid}" if uid is not None else ""
-        mount(
-            "tmpfs",
-            workdir,
-            "tmpfs",
-            MS_NOSUID | MS_NODEV,
-            f"size={cfg['tmpfs_mb']}m,mode=0700{owner}",
-        )
+        size = f"size={cfg['tmpfs_mb']}m"
+        mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=0700{owner}")
+        # Host sockets and shared memory live in /dev/shm and /run (docker.sock, D-Bus,
+        # journald): a private /dev/shm and an empty read-only /run hide them even where
+        # seccomp is missing. /tmp is already private.
+        if os.path.isdir("/dev/shm"):
+            mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=0700{owner}")
+        if os.path.isdir("/run"):
+            mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=16k,mode=0755")
     path = os.path.join(workdir, "main.py")
     with open(path, "wb") as f:
         f.write(code)
@@ -148,11 +168,11 @@ def main() -> None:
     # this on setuid, which is why unshare's --kill-child alone is not enough.
     if libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
         fail("PR_SET_PDEATHSIG")
+    if cfg["seccomp"] and not block_sockets():  # before the limits: loading it takes memory
+        fail("seccomp (libseccomp not found)")
     for name, value in cfg["rlimits"].items():
         limit = int(value)
         resource.setrlimit(getattr(resource, name), (limit, limit))
-    if cfg["seccomp"] and not block_network_sockets():
-        fail("seccomp (libseccomp not found)")
     os.chdir(workdir)
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
