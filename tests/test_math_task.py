@@ -382,3 +382,17 @@ def test_exact_golds_against_decimals(num, den, inside, outside):
     # exact against exact: equal values only, however close
     assert verify_answer(gold, f"\\frac{{{exact.numerator * 3}}}{{{exact.denominator * 3}}}") == 1.0
     assert verify_answer(gold, f"\\frac{{{exact.numerator * 10**12 + 1}}}{{{exact.denominator * 10**12}}}") == 0.0  # fmt: skip
+
+
+# What the demo's reward pays must not change: a correct boxed integer answer, with any
+# reasoning text around it (no tags, no other box), scores 1.0 on accuracy and on format.
+DEMO_TEXT = st.text(alphabet="abcxyz ABC0123456789+-=*.,:;!?$()\n", max_size=40)
+
+
+@settings(max_examples=40, deadline=None)
+@given(before=DEMO_TEXT, after=DEMO_TEXT, value=st.integers(-200, 10_000))
+def test_correct_boxed_integer_answers_still_pay(before, after, value):
+    completion = f"{before}\\boxed{{{value}}}{after}"
+    assert arithmetic_accuracy([completion], [str(value)]) == [1.0]
+    assert boxed_format([completion]) == [1.0]
+    assert arithmetic_accuracy([completion], [str(value + 1)]) == [0.0]
