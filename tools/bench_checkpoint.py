@@ -1,9 +1,14 @@
 """Time checkpoint saves and loads of the offline SmolLM2-135M (full and LoRA); prints JSON.
 
+Also what the per-file checksums cost: after each save, the SHA-256 pass that save_checkpoint
+runs over the step dir is timed again, interleaved with a BLAKE2b pass over the same files
+(the alternative hash), and reported as a share of the save's time.
+
 python tools/bench_checkpoint.py [--threads 2] [--repeats 2]
 """
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +18,7 @@ from pathlib import Path
 import torch
 
 from packrl.checkpointing import load_checkpoint, save_checkpoint
+from packrl.checkpointing.manifest import read_manifest, verify_files
 from packrl.models import ensure_smollm2_checkpoint, load_smollm2
 
 
@@ -24,6 +30,16 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def hash_dir(step_dir: Path, algo: str) -> None:
+    for f in sorted(step_dir.iterdir()):
+        with open(f, "rb") as fh:
+            hashlib.file_digest(fh, algo)
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
 
 
 def main() -> None:
@@ -50,20 +66,30 @@ def main() -> None:
         }
         result = {"threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count()}
         for name, kw in variants.items():
-            times = [
-                timed(
-                    lambda d=tmp / name, kw=kw, i=i: save_checkpoint(
-                        d, i, source_checkpoint_dir=src, **kw
-                    )
-                )
-                for i in range(args.repeats)
-            ]
+            times: dict[str, list[float]] = {"save": [], "sha256": [], "blake2b": []}
+            for i in range(args.repeats):
+                start = time.perf_counter()
+                step_dir = save_checkpoint(tmp / name, i, source_checkpoint_dir=src, **kw)
+                times["save"].append(time.perf_counter() - start)
+                # alternate the order so that neither hash always reads a colder page cache
+                for algo in ("sha256", "blake2b")[:: 1 if i % 2 == 0 else -1]:
+                    start = time.perf_counter()
+                    hash_dir(step_dir, algo)
+                    times[algo].append(time.perf_counter() - start)
+            save_s, sha_s = median(times["save"]), median(times["sha256"])
             result[name] = {
-                "save_s_median": sorted(times)[len(times) // 2],
-                "size_mb": dir_mb(tmp / name / f"step_{args.repeats - 1}"),
+                "save_s_median": save_s,
+                "size_mb": dir_mb(step_dir),
+                "sha256_s_median": sha_s,
+                "blake2b_s_median": median(times["blake2b"]),
+                "sha256_share_of_save": round(sha_s / save_s, 3),
             }
         result["full+adamw"]["load_s"] = timed(
             lambda: load_checkpoint(tmp / "full+adamw", model=full, optimizer=opt)
+        )  # includes verifying the checksums, timed alone next
+        last = tmp / "full+adamw" / f"step_{args.repeats - 1}"
+        result["full+adamw"]["load_verify_s"] = timed(
+            lambda: verify_files(last, read_manifest(last))
         )
     print(json.dumps(result, indent=2))
 
