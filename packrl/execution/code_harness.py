@@ -1,14 +1,15 @@
 """The code reward's test harness: runs inside the sandbox, where the solution cannot reach it.
 
 Never imported by the trainer: ``packrl.tasks.code`` sends this file's text, followed by a
-call to ``main(job)``, to ``run_python`` as the sandbox's program. Standard library only (it
-runs under the sandbox's interpreter).
+call to ``main()``, to ``run_python`` as the sandbox's program, with the job (tests, token,
+solution) in ``job.json`` next to it. Standard library only (it runs under the sandbox's
+interpreter).
 
 Why a solution cannot tamper with the tests: they never share a process.
 
     H  harness (the sandbox's first process; holds the tests; writes the report to stdout)
     |-- T_i  one per test, forked from H: runs the preamble and the test (trusted code)
-    `-- Z  zygote, a fresh interpreter (exec, not fork: it never held the tests or the
+    `-- Z  zygote, forked from H before H read job.json (so it never held the tests or the
         |  report token): runs the preamble and the solution once
         `-- S_i  one per test, forked from Z: serves T_i's calls into the solution
 
@@ -24,8 +25,8 @@ So whatever the solution does to its own process (patched builtins, a replaced
 ``__eq__`` is always True) changes only what ``S_i`` answers, never how ``T_i`` checks it.
 ``H`` and ``T_i`` are made non-dumpable, so the solution (same uid, no capabilities) cannot
 ptrace them, read their memory or open their file descriptors through ``/proc``; the
-sandbox's stdout is held by ``H`` alone; ``main.py`` (which holds the tests and the token) is
-deleted before ``Z`` starts. A test passes only when ``T_i`` writes ``PASS`` on its private
+sandbox's stdout is held by ``H`` alone; ``job.json`` (the tests and the token) is read and
+deleted before ``Z`` gets the solution. A test passes only when ``T_i`` writes ``PASS`` on its private
 pipe to ``H`` after the test returned.
 
 Names the test sees from the solution: the entry point, plus names the solution binds that
@@ -48,7 +49,6 @@ import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 
@@ -405,18 +405,20 @@ def zygote(control_fd: int) -> None:
 # --- H: the harness ------------------------------------------------------------------
 
 
-def start_zygote(source: str, job: dict) -> socket.socket:
+def start_zygote() -> socket.socket:
+    """Forks Z; returns H's end of the control socket."""
     mine, theirs = socket.socketpair()
-    subprocess.Popen(
-        [sys.executable, "-I", "-c", source + "\nzygote(int(sys.argv[1]))\n", str(theirs.fileno())],
-        pass_fds=(theirs.fileno(),),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    pid = os.fork()
+    if pid == 0:
+        mine.close()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):  # the sandbox's stdout is H's alone
+            os.dup2(null, fd)
+        try:
+            zygote(theirs.fileno())
+        finally:
+            os._exit(0)
     theirs.close()
-    solution_job = {k: job[k] for k in ("preamble", "solution", "entry_point")}
-    send_msg(mine, solution_job)  # never the tests
     return mine
 
 
@@ -468,19 +470,19 @@ def run_one(index: int, job: dict, control: socket.socket) -> str:
     return "PASS" if data == b"PASS" else (data.decode("utf-8", "replace") or "FAIL no report")
 
 
-def main(source: str, job: dict) -> None:
-    """H. ``job``: token, preamble, solution, tests, entry_point, timeout (s per test),
-    stop_on_fail. Prints ``TOKEN INDEX PASS|FAIL...`` per test."""
-    try:
-        os.unlink(os.path.abspath(sys.argv[0]))  # main.py holds the tests and the token
-    except OSError:
-        pass
+def main() -> None:
+    """H. Reads ``job.json`` (token, preamble, solution, tests, entry_point, timeout (s per
+    test), stop_on_fail) and prints ``TOKEN INDEX PASS|FAIL...`` per test."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:  # no ptrace or /proc/PID/{mem,fd}
         sys.exit("packrl harness: prctl(PR_SET_DUMPABLE) failed")
     sys.path[:] = [p for p in sys.path if p and os.path.abspath(p) != os.getcwd()]
     preload()
-    control = start_zygote(source, job)
+    control = start_zygote()  # before the job is in this process's memory
+    with open("job.json") as f:
+        job = json.load(f)
+    os.unlink("job.json")
+    send_msg(control, {k: job[k] for k in ("preamble", "solution", "entry_point")})
     control.setblocking(False)  # a zygote stuck in the solution never blocks the harness
     for i in range(len(job["tests"])):
         status = run_one(i, job, control)

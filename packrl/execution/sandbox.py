@@ -205,6 +205,7 @@ def run_python(
     limits: Limits | None = None,
     argv: list[str] | None = None,
     layers: Isolation | None = None,
+    files: dict[str, str] | None = None,
 ) -> SandboxResult:
     """Runs ``code`` in the sandbox and returns its exit status and (capped) output.
 
@@ -213,8 +214,16 @@ def run_python(
         limits: see ``Limits``.
         layers: isolation layers to use (default: all that ``isolation()`` found); tests
             use it to check each fallback on its own.
+        files: more files for the program's working directory, name -> text.
+
+    Raises:
+        ValueError: a name in ``files`` that is not a plain file name, or ``main.py``.
     """
-    return _run(layers or isolation(), code, limits or Limits(), argv=argv or [])
+    files = files or {}
+    for name in files:
+        if name in ("", ".", "..", "main.py") or "/" in name or "\0" in name:
+            raise ValueError(f"run_python: files[{name!r}]: use a plain file name, not main.py")
+    return _run(layers or isolation(), code, limits or Limits(), argv=argv or [], files=files)
 
 
 def _user_process_count(uid: int) -> int:
@@ -230,7 +239,12 @@ def _user_process_count(uid: int) -> int:
 
 
 def _run(
-    iso: Isolation, code: str, limits: Limits, argv: list[str] | None = None, probing: bool = False
+    iso: Isolation,
+    code: str,
+    limits: Limits,
+    argv: list[str] | None = None,
+    probing: bool = False,
+    files: dict[str, str] | None = None,
 ) -> SandboxResult:
     root = os.geteuid() == 0
     uid = _uids.take() if iso.user_switch else None
@@ -287,7 +301,8 @@ def _run(
             },
         }
         cmd = [*prefix, iso.python, "-I", "-S", CHILD_SCRIPT, json.dumps(config)]
-        return _communicate(cmd, code.encode(), limits)
+        payload = json.dumps({**(files or {}), "main.py": code}).encode()
+        return _communicate(cmd, payload, limits)
     except Exception:
         if probing:
             return SandboxResult(-1, "", "", False, False, 0.0)

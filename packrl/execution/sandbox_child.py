@@ -1,16 +1,18 @@
 """The sandbox's first process: isolates itself, then becomes ``python -I main.py``.
 
-Run by ``packrl.execution.sandbox`` (never imported), as ``python -I -S sandbox_child.py CONFIG_JSON``
-with the program's source on stdin, inside ``unshare``'s new network, PID and mount
+Run by ``packrl.execution.sandbox`` (never imported), as
+``python -I -S sandbox_child.py CONFIG_JSON`` with the program's files on stdin (a JSON
+object, name -> text; ``main.py`` is the program), inside ``unshare``'s new network, PID and mount
 namespaces when those are available. Standard library only: it runs under the sandbox's
 interpreter (``/usr/bin/python3`` when root), which need not have packrl installed.
 
 Steps, each only when the config asks for it:
-1. read the program from stdin, then point stdin at /dev/null; join the run's cgroups;
+1. read the files from stdin, then point stdin at /dev/null; join the run's cgroups;
 2. private file system: every mount read-only (recursively), a fresh size-limited tmpfs
    on /tmp as the program's own temporary directory (gone when the namespace dies), a
    private /dev/shm and an empty /run;
-3. write ``main.py`` into the work directory and hand it to the sandbox user;
+3. write ``main.py`` (and any other files) into the work directory and hand them to the
+   sandbox user;
 4. empty the capability bounding set (so even namespace root gets no capabilities at exec),
    drop to that user (root only), set resource limits, block ``socket()`` with seccomp
    (when libseccomp is present), and exec the interpreter.
@@ -121,7 +123,7 @@ def block_sockets() -> bool:
 
 def main() -> None:
     cfg = json.loads(sys.argv[1])
-    code = sys.stdin.buffer.read()
+    files = json.loads(sys.stdin.buffer.read())  # name -> text; main.py is the program
     devnull = os.open("/dev/null", os.O_RDONLY)
     os.dup2(devnull, 0)
     os.close(devnull)
@@ -149,9 +151,11 @@ def main() -> None:
             mount("tmpfs", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, f"{size},mode=0700{owner}")
         if os.path.isdir("/run"):
             mount("tmpfs", "/run", "tmpfs", MS_NOSUID | MS_NODEV | MS_RDONLY, "size=16k,mode=0755")
-    path = os.path.join(workdir, "main.py")
-    with open(path, "wb") as f:
-        f.write(code)
+    paths = []
+    for name, text in files.items():
+        paths.append(os.path.join(workdir, name))
+        with open(paths[-1], "w", encoding="utf-8") as f:
+            f.write(text)
     # An empty capability bounding set: the program gets no capability even as (namespace)
     # root, so it cannot undo the read-only mounts or the limits. Not being root, there is
     # nothing to drop (and no right to drop it).
@@ -160,7 +164,8 @@ def main() -> None:
             if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
                 fail(f"dropping capability {cap}")  # 22 (EINVAL): no such capability
     if uid is not None:
-        os.chown(path, uid, gid)
+        for path in paths:
+            os.chown(path, uid, gid)
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)

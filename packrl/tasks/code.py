@@ -1,18 +1,21 @@
 """Code: run a completion's Python against the problem's tests in the sandbox.
 
 A code row has:
-    tests: list of test snippets; each runs after the solution, in its namespace, and passes
-        if it finishes without raising (``assert f(1) == 2``, or ``check(f)``);
-    preamble (optional): code run before the solution (HumanEval: the prompt, which holds
-        imports and helper functions the tests use);
-    entry_point (optional): the function the solution must define.
+    tests: list of test snippets; each passes if it finishes without raising
+        (``assert f(1) == 2``, or ``check(f)``);
+    preamble (optional): code run before the solution and before each test (HumanEval: the
+        prompt, which holds imports and helper functions the tests use);
+    entry_point (optional): the function the solution must define; the tests get it from
+        the solution even where the preamble defines it too.
 
-Inside one sandbox run, a small harness forks one child per test, so a test that hangs is
-killed at ``test_timeout_s`` and fails alone. A test passes only when its child reports
-success over a private pipe after the snippet returned: exiting early (``sys.exit(0)``,
-``os._exit(0)``) or printing "PASS" does not count. What the harness cannot stop is a program
-that reads the harness's own memory to forge the report, or returns objects whose ``__eq__``
-always says True; the sandbox protects the machine, not the reward, from such programs.
+One sandbox run per completion. Inside it, ``packrl.execution.code_harness`` runs each test
+in a process of its own that the solution cannot reach, calling the solution's functions in
+another process, with arguments and results crossing by value as plain data. So a solution
+that patches builtins, exits early with status 0, forges the report or returns an object
+equal to everything changes only its own answers; a test still passes only if those
+answers are right. A test that hangs is killed at ``test_timeout_s`` and fails alone. The
+tampering attempts tried are listed in docs/sandbox.md and tested in
+tests/test_code_tampering.py.
 
 Rewards: ``code_pass_fraction`` (fraction of tests passed) and ``code_pass_all``
 (all-or-nothing); ``code_task(scoring=...)`` picks one.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ast
 import copy
 import functools
+import json
 import re
 import secrets
 from collections.abc import Sequence
@@ -91,14 +95,14 @@ def run_tests(
         "timeout": test_timeout_s,
         "stop_on_fail": stop_on_fail,
     }
-    program = f"SOURCE = {_HARNESS!r}\n{_HARNESS}\nmain(SOURCE, {job!r})\n"
+    program = f"{_HARNESS}\nmain()\n"
     limits = limits or Limits(
         timeout_s=min(test_timeout_s * len(tests) + 5.0, MAX_RUN_S),
         cpu_s=int(test_timeout_s + 1),
         memory_mb=1024,
         max_processes=16,
     )
-    result = run_python(program, limits)
+    result = run_python(program, limits, files={"job.json": json.dumps(job)})
     passed = [False] * len(tests)
     for line in result.stdout.splitlines():
         parts = line.split(" ", 2)
