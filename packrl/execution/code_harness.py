@@ -423,29 +423,27 @@ def start_zygote() -> socket.socket:
 
 
 def run_one(index: int, job: dict, control: socket.socket) -> str:
-    """Runs test ``index``: forks T, asks Z for S, waits for T's report; returns PASS or FAIL..."""
+    """Runs test ``index``: asks Z for S, forks T, waits for T's report; returns PASS or FAIL..."""
     mine, theirs = socket.socketpair()
+    try:  # first, so that S starts while T runs the preamble
+        socket.send_fds(control, [b"s"], [theirs.fileno()])
+    except OSError:
+        pass  # Z is gone: T sees the closed socket and fails
+    theirs.close()
     r, w = os.pipe()
     try:
         pid = os.fork()
     except OSError as e:
-        for f in (mine, theirs):
-            f.close()
+        mine.close()
         os.close(r)
         os.close(w)
         return f"FAIL fork: {e}"
     if pid == 0:
         os.close(r)
-        theirs.close()
         control.close()
         test_process(mine, w, job, index)
     os.close(w)
     mine.close()
-    try:
-        socket.send_fds(control, [b"s"], [theirs.fileno()])
-    except OSError:
-        pass  # Z is gone: T sees the closed socket and fails
-    theirs.close()
     data, deadline = b"", time.monotonic() + job["timeout"]
     while len(data) < 4096:
         left = deadline - time.monotonic()
