@@ -1,8 +1,8 @@
 """Benchmark the sandbox and the rewards that use it; prints JSON (and writes it with --json).
 
 Measures, in one run:
-1. sandbox start-up: ``run_python("pass")`` with every isolation layer vs. without namespaces
-   and seccomp (interleaved, medians), i.e. what the isolation costs per run;
+1. sandbox start-up: ``run_python("pass")`` with every isolation layer vs. without namespaces,
+   seccomp and cgroup (interleaved, medians), i.e. what the isolation costs per run;
 2. HumanEval: all 164 canonical solutions (must all pass) and ``return None`` stubs (must
    all fail), all-or-nothing, with N sandbox runs in parallel: wall time and throughput;
 3. the math reward: ``RewardScorer([math_accuracy])`` on 32 completions (one recipe step),
@@ -37,10 +37,10 @@ from packrl.tasks.math import math_accuracy  # noqa: E402
 
 def bench_startup(repeats: int) -> dict:
     full = isolation()
-    bare = dataclasses.replace(full, namespaces=False, seccomp=False)
-    times: dict[str, list[float]] = {"all_layers": [], "no_namespaces_no_seccomp": []}
+    bare = dataclasses.replace(full, namespaces=False, seccomp=False, cgroup=False)
+    times: dict[str, list[float]] = {"all_layers": [], "no_namespaces_seccomp_cgroup": []}
     for _ in tqdm(range(repeats), desc="sandbox start-up"):
-        for name, layers in (("all_layers", full), ("no_namespaces_no_seccomp", bare)):
+        for name, layers in (("all_layers", full), ("no_namespaces_seccomp_cgroup", bare)):
             start = time.perf_counter()
             res = run_python("pass", layers=layers)
             times[name].append(time.perf_counter() - start)
@@ -48,7 +48,7 @@ def bench_startup(repeats: int) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
         "median_s": med,
-        "ratio_all_layers_vs_bare": med["all_layers"] / med["no_namespaces_no_seccomp"],
+        "ratio_all_layers_vs_bare": med["all_layers"] / med["no_namespaces_seccomp_cgroup"],
         "repeats": repeats,
     }
 
