@@ -15,6 +15,7 @@ import pytest
 
 from packrl.tasks.temporal_clue import (
     GENERATOR_VERSION,
+    SCHEMA_VERSION,
     PuzzleFileError,
     World,
     generate_puzzle,
@@ -45,6 +46,11 @@ def test_record_fields_and_clues_true():
     rec = generate_puzzle(5, 4)
     assert rec["generator_version"] == GENERATOR_VERSION
     assert rec["seed"] == 5 and rec["players"] == 4
+    # self-describing: schema, rules, map convention, the knobs
+    assert rec["schema_version"] == SCHEMA_VERSION
+    assert rec["rules"]["motives"] == "all_different" and rec["rules"]["victim"] == "not_tracked"
+    assert rec["map"]["cells"] == rec["scenario"]["rooms"] and "row-major" in rec["map"]["convention"]  # fmt: skip
+    assert rec["config"]["suspects"] == 5 and rec["id"] == "tc-p4-5"
     assert rec["num_clues"] == len(rec["clues"]) == rec["difficulty"]["clues"]
     assert set(rec["difficulty"]) >= {"clues", "questions", "conflicts", "branches", "families"}
     assert rec["sizes"]["suspects"] == len(rec["scenario"]["suspects"])
@@ -80,8 +86,8 @@ def test_cli_rejects_bad_players(tmp_path, capsys):
     spec.loader.exec_module(cli)
     assert cli.parse_players("1-3,5") == [1, 2, 3, 5]
     with pytest.raises(SystemExit):
-        cli.main(["--players", "0-9", "--out", str(tmp_path / "x.jsonl")])
-    assert "--players must be within 1-6" in capsys.readouterr().err
+        cli.main(["--players", "0-11", "--out", str(tmp_path / "x.jsonl")])
+    assert "--players must be within 1-10" in capsys.readouterr().err
 
 
 # --- grader --------------------------------------------------------------------------------

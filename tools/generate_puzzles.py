@@ -1,15 +1,23 @@
 """Generate Temporal Clue puzzles as JSONL.
 
     python tools/generate_puzzles.py --n 64 --seed 1 --players 1-6 --workers 2 --out puzzles/x.jsonl
+    python tools/generate_puzzles.py --n 8 --players 9 --suspects 11 --map irregular --rooms 14 \
+        --clue-weights either=2,iff=2,direction=1,murder_time=1 --bonus 3 --given time --out x.jsonl
 
 Puzzle i gets difficulty players[i % len(players)] and seed ``seed * 1_000_000 + i``, so a
 file is reproducible from its command, and files made with different --seed never share a
 puzzle seed. Output is byte-identical for the same arguments, whatever --workers is.
+
+Levels ("players") 1-10 are presets (packrl/tasks/temporal_clue/config.py); any knob given
+here overrides it for every level, and an inconsistent combination is an error naming the
+knob. --order curriculum writes the file sorted by measured difficulty (CP-SAT conflicts of
+the uniqueness proof, then clue count) instead of generation order.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
 import sys
@@ -19,9 +27,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from packrl.tasks.temporal_clue.config import PRESETS, PuzzleConfig, make_config  # noqa: E402
 from packrl.tasks.temporal_clue.files import dumps_record  # noqa: E402
 from packrl.tasks.temporal_clue.generate import generate_puzzle  # noqa: E402
-from packrl.tasks.temporal_clue.scenario import SIZES  # noqa: E402
 
 SEED_STRIDE = 1_000_000
 
@@ -35,15 +43,51 @@ def parse_players(text: str) -> list[int]:
             out += list(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         raise argparse.ArgumentTypeError(f"bad --players {text!r}: use e.g. 3, 1-6 or 1,2,4") from None  # fmt: skip
-    bad = [p for p in out if p not in SIZES]
+    bad = [p for p in out if p not in PRESETS]
     if not out or bad:
-        raise argparse.ArgumentTypeError(f"--players must be within {min(SIZES)}-{max(SIZES)}, got {text!r}")  # fmt: skip
+        raise argparse.ArgumentTypeError(f"--players must be within {min(PRESETS)}-{max(PRESETS)}, got {text!r}")  # fmt: skip
     return out
 
 
-def _one(job: tuple[int, int]) -> str:
-    seed, players = job
-    return dumps_record(generate_puzzle(seed, players))
+def parse_weights(text: str) -> dict[str, float]:
+    """'either=2,iff=1.5,fact' -> {"either": 2.0, "iff": 1.5, "fact": 1.0}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, w = part.partition("=")
+        try:
+            out[name.strip()] = float(w) if w else 1.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad --clue-weights entry {part!r}: use family=weight") from None  # fmt: skip
+    return out
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip() and x.strip() != "none")
+
+
+KNOBS = {  # CLI flag -> (config knob, parser)
+    "--suspects": ("suspects", int), "--weapons": ("weapons", int), "--rooms": ("rooms", int),
+    "--rows": ("rows", int), "--cols": ("cols", int), "--times": ("times", int),
+    "--motives": ("motives", int), "--map": ("map", str), "--bonus": ("bonus", int),
+    "--bonus-kinds": ("bonus_kinds", _names), "--given": ("given", _names),
+    "--clue-weights": ("clue_weights", parse_weights),
+}  # fmt: skip
+
+
+def configs(levels: list[int], knobs: dict) -> dict[int, PuzzleConfig]:
+    """One checked config per level; ValueError names the bad knob."""
+    return {p: make_config(p, **knobs) for p in sorted(set(levels))}
+
+
+def _one(job: tuple[int, PuzzleConfig]) -> str:
+    seed, cfg = job
+    return dumps_record(generate_puzzle(seed, config=cfg))
+
+
+def curriculum_key(line: str) -> tuple:
+    """Sort key: measured difficulty (conflicts of the uniqueness proof, clues), then id."""
+    d = json.loads(line)
+    return (d["difficulty"]["conflicts"], d["difficulty"]["clues"], d["id"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,14 +99,28 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes (default: all cores)")  # fmt: skip
     ap.add_argument("--out", type=Path, required=True, help="output JSONL path")
+    ap.add_argument("--order", choices=["generated", "curriculum"], default="generated",
+                    help="curriculum: sort the file from easiest to hardest measured difficulty")  # fmt: skip
+    knobs = ap.add_argument_group("knobs (override the level presets)")
+    for flag, (knob, typ) in KNOBS.items():
+        knobs.add_argument(flag, dest=knob, type=typ, default=None, help=f"the {knob!r} knob")
+    knobs.add_argument("--victim-moves", dest="victim_moves", action=argparse.BooleanOptionalAction,
+                       default=None, help="the victim walks until the murder (victim clues)")  # fmt: skip
     args = ap.parse_args(argv)
+    overrides = {k: getattr(args, k) for k, _ in [*KNOBS.values(), ("victim_moves", None)]}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        cfgs = configs(args.players, overrides)
+    except ValueError as e:
+        ap.error(str(e))
     if not 0 < args.n <= SEED_STRIDE:
         ap.error(f"--n must be in 1..{SEED_STRIDE}")
     if args.seed < 0 or args.workers < 1:
         ap.error("--seed must be >= 0 and --workers >= 1")
 
     jobs = [
-        (args.seed * SEED_STRIDE + i, args.players[i % len(args.players)]) for i in range(args.n)
+        (args.seed * SEED_STRIDE + i, cfgs[args.players[i % len(args.players)]])
+        for i in range(args.n)
     ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as f, tqdm(total=len(jobs), desc="puzzles") as bar:
@@ -71,9 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         else:
             pool = mp.get_context("spawn").Pool(args.workers)
             lines = pool.imap(_one, jobs)  # in order, so output does not depend on timing
+        done = []
         for line in lines:
-            f.write(line + "\n")
+            done.append(line)
             bar.update()
+        if args.order == "curriculum":
+            done.sort(key=curriculum_key)
+        f.writelines(line + "\n" for line in done)
         if args.workers > 1:
             pool.close()
             pool.join()

@@ -6,6 +6,11 @@ lives in `model.py`. A *subject* names whoever or whatever a statement is about:
     {"type": "suspect", "name": "Mrs. White"}     {"type": "weapon", "name": "Rope"}
     {"type": "murderer"}                           {"type": "murder_weapon"}
     {"type": "motive", "name": "Greed"}            (the suspect motivated by Greed)
+    {"type": "victim"}                             (Mr. Boddy, when the victim moves)
+
+"The suspect motivated by M" presupposes that exactly one suspect has motive M; when motives
+are shared, such descriptions are only made of motives with one holder, and the CP-SAT
+encoding enforces the presupposition along with the clue.
 
 Families (times are labels from the world's list; ``next_time`` is the time after ``time``):
 
@@ -20,6 +25,10 @@ Families (times are labels from the world's list; ``next_time`` is the time afte
     direction   subjects: [s1, s2], direction, time  s1 was in the room directly <direction> of s2's
     murder_room subject, time                  the subject was in the murder room at the time
     murder_time relation ("before"/"after"), time   the murder happened before/after the time
+    killed      what ("weapon"/"room"/"time"), value, negated   Mr. Boddy was (not) killed with/in/at
+    same_motive suspects: [a, b], same (bool)  the two suspects have the same/different motives
+
+``at``, ``motive`` and ``killed`` statements are also the atoms of ``either`` and ``iff``.
 """
 
 from __future__ import annotations
@@ -28,7 +37,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-from packrl.tasks.temporal_clue.scenario import DIRECTIONS, World
+from packrl.tasks.temporal_clue.config import PuzzleConfig
+from packrl.tasks.temporal_clue.scenario import DIRECTIONS, VICTIM, World
 
 Clue = dict[str, Any]
 Subject = dict[str, str]
@@ -45,6 +55,8 @@ def subject_text(s: Subject) -> str:
         return "the murderer"
     if kind == "murder_weapon":
         return "the murder weapon"
+    if kind == "victim":
+        return VICTIM
     return f"the suspect motivated by {s['name']}"
 
 
@@ -52,17 +64,26 @@ def _cap(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
+_KILLED = {"weapon": "with the", "room": "in the", "time": "at"}
+
+
 def _atom_text(a: Clue) -> str:
     if a["family"] == "at":
         return f"{subject_text(a['subject'])} was in the {a['room']} at {a['time']}"
+    if a["family"] == "killed":
+        nt = " not" if a.get("negated") else ""
+        return f"{VICTIM} was{nt} killed {_KILLED[a['what']]} {a['value']}"
     return f"{a['suspect']} was motivated by {a['motive']}"
 
 
 def clue_text(c: Clue) -> str:
     """One English sentence for a clue."""
     f = c["family"]
-    if f in ("at", "motive"):
+    if f in ("at", "motive", "killed"):
         return _cap(_atom_text(c)) + "."
+    if f == "same_motive":
+        a, b = c["suspects"]
+        return f"{a} and {b} had {'the same motive' if c['same'] else 'different motives'}."
     if f == "either":
         a, b = c["atoms"]
         return f"Either {_atom_text(a)} or {_atom_text(b)}, but not both."
@@ -98,13 +119,27 @@ def clue_text(c: Clue) -> str:
 
 
 # --- truth -----------------------------------------------------------------------------
+def motive_subjects(c: Clue) -> list[str]:
+    subs = [c.get("subject"), c.get("weapon"), *c.get("subjects", [])]
+    subs += [a.get("subject") for a in c.get("atoms", [])]
+    return [s["name"] for s in subs if s and s["type"] == "motive"]
+
+
 def holds(c: Clue, w: World) -> bool:
-    """Whether the clue is true in world `w`."""
+    """Whether the clue is true in world `w` (false when a description has no one referent)."""
+    if any(len(w.holders(m)) != 1 for m in motive_subjects(c)):
+        return False
     f = c["family"]
     if f == "at":
         return w.room_of(c["subject"], c["time"]) == c["room"]
     if f == "motive":
         return w.motive_of[c["suspect"]] == c["motive"]
+    if f == "killed":
+        value = {"weapon": w.weapon, "room": w.room, "time": w.time}[c["what"]]
+        return (value == c["value"]) != bool(c.get("negated"))
+    if f == "same_motive":
+        a, b = c["suspects"]
+        return (w.motive_of[a] == w.motive_of[b]) == c["same"]
     if f == "either":
         return sum(holds(a, w) for a in c["atoms"]) == 1
     if f == "iff":
@@ -134,6 +169,30 @@ def holds(c: Clue, w: World) -> bool:
     raise ValueError(f"unknown clue family {f!r}")
 
 
+def names_in(c: Clue) -> set[str]:
+    """Every entity name a clue mentions: suspects, weapons, motives, rooms, times, values.
+
+    Read from the structure, not the text, so that "Trophy" is not found in "Trophy Room".
+    """
+    out: set[str] = set()
+    for k, v in c.items():
+        if k in ("family", "text", "relation", "direction", "what", "negated", "same"):
+            continue
+        if isinstance(v, str):
+            out.add(v)
+        elif isinstance(v, dict):
+            out |= {v["name"]} if "name" in v else set()
+        elif isinstance(v, list):
+            for x in v:
+                if isinstance(x, str):
+                    out.add(x)
+                elif "family" in x:
+                    out |= names_in(x)
+                elif "name" in x:
+                    out.add(x["name"])
+    return out
+
+
 # --- sampling true clues ---------------------------------------------------------------
 def _entity(s: Subject, w: World) -> str:
     """The suspect or weapon a subject refers to in world `w`."""
@@ -144,14 +203,23 @@ def _entity(s: Subject, w: World) -> str:
         return w.murderer
     if kind == "murder_weapon":
         return w.weapon
+    if kind == "victim":
+        return VICTIM
     return w.suspect_with_motive(s["name"])
+
+
+def describable_motives(w: World) -> list[str]:
+    """Motives that "the suspect motivated by M" can describe: those with one holder."""
+    return [m for m in w.motives if len(w.holders(m)) == 1]
 
 
 def _subject(rng: random.Random, w: World, people: bool = True, things: bool = True) -> Subject:
     """A random subject; named ones 60% of the time, descriptions ("the murderer") 40%."""
     named = [{"type": "suspect", "name": s} for s in w.suspects] if people else []
     named += [{"type": "weapon", "name": x} for x in w.weapons] if things else []
-    described = [{"type": "murderer"}] + [{"type": "motive", "name": m} for m in w.motives]
+    described = [{"type": "murderer"}] + [
+        {"type": "motive", "name": m} for m in describable_motives(w)
+    ]
     described = described if people else []
     described += [{"type": "murder_weapon"}] if things else []
     return rng.choice(named if rng.random() < 0.6 else described)
@@ -168,6 +236,12 @@ def _pair(rng: random.Random, w: World) -> tuple[Subject, Subject]:
 
 def _atom(rng: random.Random, w: World, truth: bool) -> Clue:
     """A random at/motive statement with the given truth value."""
+    if w.victim_rooms and rng.random() < 0.15:  # a fact about the murder itself
+        what = rng.choice(["weapon", "room", "time"])
+        key = {"weapon": w.weapon, "room": w.room, "time": w.time}[what]
+        values = {"weapon": w.weapons, "room": w.rooms, "time": w.times}[what]
+        value = key if truth else rng.choice([v for v in values if v != key])
+        return {"family": "killed", "what": what, "value": value}
     if rng.random() < 0.25:
         s = rng.choice(w.suspects)
         options = [m for m in w.motives if (w.motive_of[s] == m) == truth]
@@ -192,7 +266,7 @@ def _motive(rng: random.Random, w: World) -> Clue | None:
 
 def _described(rng: random.Random, w: World) -> Clue | None:
     s = rng.choice([{"type": "murderer"}, {"type": "murder_weapon"}] + [
-        {"type": "motive", "name": m} for m in w.motives
+        {"type": "motive", "name": m} for m in describable_motives(w)
     ])  # fmt: skip
     t = rng.choice(w.times)
     return {"family": "at", "subject": s, "room": w.room_of(s, t), "time": t}
@@ -284,7 +358,38 @@ def _murder_time(rng: random.Random, w: World) -> Clue | None:
     return {"family": "murder_time", "relation": relation, "time": t}
 
 
-# Samplers by name; the names are the keys of a difficulty's clue mix.
+def _victim_at(rng: random.Random, w: World) -> Clue | None:
+    if not w.victim_rooms:
+        return None
+    t = rng.choice(w.times[: w.times.index(w.time) + 1])  # after the murder it is the murder room
+    return {"family": "at", "subject": {"type": "victim"}, "room": w.room_of({"type": "victim"}, t), "time": t}  # fmt: skip
+
+
+def _victim_moved(rng: random.Random, w: World) -> Clue | None:
+    if not w.victim_rooms:
+        return None
+    moves = _moves(w, {"type": "victim"})
+    if not moves:
+        return None
+    a, b, t0, t1 = rng.choice(moves)
+    return {"family": "moved", "subject": {"type": "victim"}, "from": a, "to": b, "time": t0, "next_time": t1}  # fmt: skip
+
+
+def _killed(rng: random.Random, w: World) -> Clue | None:
+    """A true negative fact about the murder: "Mr. Boddy was not killed with the Rope"."""
+    what = rng.choice(["weapon", "room", "time"])
+    key = {"weapon": w.weapon, "room": w.room, "time": w.time}[what]
+    values = {"weapon": w.weapons, "room": w.rooms, "time": w.times}[what]
+    value = rng.choice([v for v in values if v != key])
+    return {"family": "killed", "what": what, "value": value, "negated": True}
+
+
+def _same_motive(rng: random.Random, w: World) -> Clue | None:
+    a, b = rng.sample(w.suspects, 2)
+    return {"family": "same_motive", "suspects": [a, b], "same": w.motive_of[a] == w.motive_of[b]}
+
+
+# Samplers by name; the names are the keys of a clue mix (the ``clue_weights`` knob).
 SAMPLERS: dict[str, Callable[[random.Random, World], Clue | None]] = {
     "fact": _fact,
     "motive": _motive,
@@ -298,21 +403,38 @@ SAMPLERS: dict[str, Callable[[random.Random, World], Clue | None]] = {
     "direction": _direction,
     "murder_room": _murder_room,
     "murder_time": _murder_time,
+    "victim_at": _victim_at,
+    "victim_moved": _victim_moved,
+    "killed": _killed,
+    "same_motive": _same_motive,
 }
+FAMILIES = tuple(SAMPLERS)
 
-# Relative weights of the samplers at the easiest (1 player) and hardest (6 players)
-# settings; sizes in between interpolate. Harder puzzles lean on indirect clues.
+# Relative weights of the samplers at the easiest (level 1) and hardest (level 6 and up)
+# settings; levels in between interpolate. Harder puzzles lean on indirect clues. The
+# victim and shared-motive families join only where the scenario has them.
 MIX_EASY = {"fact": 3, "motive": 2, "described": 2, "either": 1, "iff": 0.5, "same_room": 1,
             "together": 1, "moved": 1, "carried": 1, "direction": 1, "murder_room": 1,
-            "murder_time": 1}  # fmt: skip
+            "murder_time": 1, "victim_at": 1, "victim_moved": 1, "killed": 0.5,
+            "same_motive": 1}  # fmt: skip
 MIX_HARD = {"fact": 0.5, "motive": 0.5, "described": 1.5, "either": 2, "iff": 2, "same_room": 1.5,
             "together": 1.5, "moved": 1.5, "carried": 1, "direction": 1.5,
-            "murder_room": 1, "murder_time": 1}  # fmt: skip
+            "murder_room": 1, "murder_time": 1, "victim_at": 0.75, "victim_moved": 0.75,
+            "killed": 0.5, "same_motive": 1}  # fmt: skip
 
 
-def clue_mix(players: int) -> dict[str, float]:
-    a = (players - 1) / 5
-    return {k: (1 - a) * MIX_EASY[k] + a * MIX_HARD[k] for k in MIX_EASY}
+def clue_mix(cfg: PuzzleConfig) -> dict[str, float]:
+    """Sampler -> weight for a config: its ``clue_weights``, or the level's default mix."""
+    if cfg.clue_weights is not None:
+        return {k: float(v) for k, v in cfg.clue_weights.items() if v > 0}
+    a = min(1.0, (cfg.level - 1) / 5)
+    mix = {k: (1 - a) * MIX_EASY[k] + a * MIX_HARD[k] for k in MIX_EASY}
+    if not cfg.victim_moves:
+        for k in ("victim_at", "victim_moved", "killed"):
+            mix.pop(k)
+    if cfg.motives == cfg.suspects:
+        mix.pop("same_motive")
+    return mix
 
 
 def sample_clue(rng: random.Random, w: World, sampler: str) -> Clue | None:

@@ -11,6 +11,8 @@ the same puzzle.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 from typing import Any
@@ -18,22 +20,35 @@ from typing import Any
 import ortools
 from ortools.sat.python import cp_model
 
-from packrl.tasks.temporal_clue.clues import Clue, clue_mix, holds, sample_clue
+from packrl.tasks.temporal_clue.clues import Clue, clue_mix, holds, names_in, sample_clue
+from packrl.tasks.temporal_clue.config import PuzzleConfig, preset
 from packrl.tasks.temporal_clue.model import PuzzleModel, solver_params
-from packrl.tasks.temporal_clue.prompt import Question, giveaway, make_prompt, make_questions
-from packrl.tasks.temporal_clue.scenario import World, random_world, sizes_for
+from packrl.tasks.temporal_clue.prompt import (
+    MAP_CONVENTION,
+    Question,
+    giveaway,
+    make_prompt,
+    make_questions,
+    rules_record,
+)
+from packrl.tasks.temporal_clue.scenario import World, random_world
 
 # Bump when a change makes the same seed give a different puzzle.
-GENERATOR_VERSION = "packrl-temporal-clue/1"
+GENERATOR_VERSION = "packrl-temporal-clue/2"
+SCHEMA_VERSION = 2  # record layout; 2 added config, rules, map, schema_version
 
 POOL_SIZE = 60  # candidate clues drawn at a time
-MAX_CLUES = 80  # give up on a world (and draw another) past this many clues
+MAX_CLUES = 150  # give up on a world (and draw another) past this many clues
+NAMING_ROUNDS = 3  # tries to make every asked answer named before drawing a new world
+# Question kinds whose answers are interchangeable unless named: an entity that no clue
+# names can swap places with another unnamed one of its kind, so unique answers force every
+# non-answer to be named, and a never-named entity *is* the answer (docs/temporal_clue.md).
+NAMED_ANSWER_KINDS = ("who", "weapon", "why", "suspect_motive", "motive_suspect")
 
 
-def _draw_pool(rng: random.Random, w: World, players: int, questions: list[Question],
+def _draw_pool(rng: random.Random, w: World, mix: dict[str, float], questions: list[Question],
                n: int, seen: set[str]) -> list[tuple[str, Clue]]:  # fmt: skip
     """`n` fresh true clues as (sampler, clue), none stating an asked answer outright."""
-    mix = clue_mix(players)
     names, weights = list(mix), list(mix.values())
     out = []
     for sampler in rng.choices(names, weights=weights, k=n):
@@ -45,17 +60,79 @@ def _draw_pool(rng: random.Random, w: World, players: int, questions: list[Quest
     return out
 
 
-def select_clues(w: World, questions: list[Question], players: int,
+def must_name(questions: list[Question]) -> set[str]:
+    """Answers that some clue has to name, so that absence of a name tells nothing."""
+    return {q["answer"] for q in questions if q["kind"] in NAMED_ANSWER_KINDS}
+
+
+def _naming_clue(rng: random.Random, w: World, mix: dict[str, float], questions: list[Question],
+                 name: str, seen: set[str]) -> Clue | None:  # fmt: skip
+    """A true clue from the mix that names `name` (None if 400 draws find none)."""
+    names, weights = list(mix), list(mix.values())
+    for sampler in rng.choices(names, weights=weights, k=400):
+        c = sample_clue(rng, w, sampler)
+        if c is not None and name in names_in(c) and c["text"] not in seen and not giveaway(c, questions):  # fmt: skip
+            seen.add(c["text"])
+            return c
+    return None
+
+
+def _minimize(model: PuzzleModel, chosen: list[tuple[Clue, Any]], protected: list[Clue],
+              rng: random.Random) -> tuple[list[tuple[Clue, Any]], int]:  # fmt: skip
+    """Drop every clue whose removal keeps the answers unique; protected clues are tried last.
+
+    Returns the kept (clue, literal) pairs and the number of solves. After a successful
+    removal the set shrinks to the solver's unsat core, except that protected clues not yet
+    tried stay, so that each gets its own removal test at the end.
+    """
+    is_protected = {id(c) for c in protected}
+    order = [i for i in range(len(chosen)) if id(chosen[i][0]) not in is_protected]
+    rng.shuffle(order)
+    order += [i for i in range(len(chosen)) if id(chosen[i][0]) in is_protected]
+    kept, solves, tried = list(chosen), 0, set()
+    for i in order:
+        clue, _ = chosen[i]
+        tried.add(id(clue))
+        if all(x is not clue for x, _ in kept):
+            continue
+        trial = [(c, e) for c, e in kept if c is not clue]
+        feasible, solver = model.solve([e for _, e in trial] + [model.differ])
+        solves += 1
+        if not feasible:
+            core = set(solver.SufficientAssumptionsForInfeasibility())
+            kept = [
+                (c, e) for c, e in trial
+                if e.Index() in core or (id(c) in is_protected and id(c) not in tried)
+            ]  # fmt: skip
+    return kept, solves
+
+
+def select_clues(w: World, questions: list[Question], cfg: PuzzleConfig,
                  rng: random.Random) -> tuple[list[Clue], dict[str, int]] | None:  # fmt: skip
-    """A minimal clue set under which the asked answers are unique, or None if stuck."""
+    """A minimal clue set under which the asked answers are unique and every answer in
+    `must_name` is named by some clue; None if this world gets stuck."""
     model = PuzzleModel(w)
     model.set_questions(questions)
-    mix = clue_mix(players)
+    mix = clue_mix(cfg)
     seen: set[str] = set()
-    pool = _draw_pool(rng, w, players, questions, POOL_SIZE, seen)
+    pool = _draw_pool(rng, w, mix, questions, POOL_SIZE, seen)
     chosen: list[tuple[Clue, Any]] = []  # (clue, enforcement literal)
+    protected: list[Clue] = []
     solves = 0
+    required = must_name(questions)
 
+    def protect_missing(clues: list[Clue]) -> bool:
+        named = set().union(*(names_in(c) for c in clues)) if clues else set()
+        for name in sorted(required - named):
+            c = _naming_clue(rng, w, mix, questions, name, seen)
+            if c is None:
+                return False
+            protected.append(c)
+            chosen.append((c, model.add_clue(c)))
+        return True
+
+    if not protect_missing([]):
+        return None
     while True:
         feasible, solver = model.solve([e for _, e in chosen] + [model.differ])
         solves += 1
@@ -66,7 +143,7 @@ def select_clues(w: World, questions: list[Question], players: int,
             killers = [(s, c) for s, c in pool if not holds(c, counter)]
             if killers:
                 break
-            pool += _draw_pool(rng, w, players, questions, POOL_SIZE, seen)
+            pool += _draw_pool(rng, w, mix, questions, POOL_SIZE, seen)
         else:
             return None  # no clue family tells this counterexample apart
         samplers = sorted({s for s, _ in killers})
@@ -77,23 +154,21 @@ def select_clues(w: World, questions: list[Question], players: int,
         if len(chosen) > MAX_CLUES:
             return None
 
-    # Deletion pass: drop every clue whose removal keeps the answers unique.
-    kept = list(chosen)
-    order = list(range(len(chosen)))
-    rng.shuffle(order)
-    for i in order:
-        clue, lit = chosen[i]
-        if all(x is not clue for x, _ in kept):
-            continue
-        trial = [(c, e) for c, e in kept if c is not clue]
-        feasible, solver = model.solve([e for _, e in trial] + [model.differ])
-        solves += 1
-        if not feasible:
-            core = set(solver.SufficientAssumptionsForInfeasibility())
-            kept = [(c, e) for c, e in trial if e.Index() in core]
-    clues = [c for c, _ in kept]
+    # Deletion passes; a pass that leaves an answer unnamed adds a clue naming it, tried last.
+    naming_rounds = 0
+    for naming_rounds in range(1, NAMING_ROUNDS + 1):  # noqa: B007 (reported below)
+        kept, n = _minimize(model, chosen, protected, rng)
+        solves += n
+        clues = [c for c, _ in kept]
+        chosen, protected = list(kept), []
+        if not required - set().union(*(names_in(c) for c in clues)):
+            break
+        if not protect_missing(clues):
+            return None
+    else:
+        return None
     rng.shuffle(clues)
-    return clues, {"solves": solves, "candidates": len(seen)}
+    return clues, {"solves": solves, "candidates": len(seen), "naming_rounds": naming_rounds}
 
 
 def search_effort(w: World, clues: list[Clue], questions: list[Question]) -> dict[str, int]:
@@ -113,14 +188,27 @@ def search_effort(w: World, clues: list[Clue], questions: list[Question]) -> dic
     return {"conflicts": int(solver.NumConflicts()), "branches": int(solver.NumBranches())}
 
 
-def generate_puzzle(seed: int, players: int, max_worlds: int = 50) -> dict[str, Any]:
-    """One puzzle record (see docs/temporal_clue.md for the fields)."""
-    sizes = sizes_for(players)
+def config_id(cfg: PuzzleConfig) -> str:
+    """``p<level>`` for a preset, else ``x<level>-<8 hex digits of the config>``."""
+    if cfg == preset(cfg.level):
+        return f"p{cfg.level}"
+    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
+    return f"x{cfg.level}-{digest[:8]}"
+
+
+def generate_puzzle(seed: int, players: int = 6, config: PuzzleConfig | None = None,
+                    max_worlds: int = 50) -> dict[str, Any]:  # fmt: skip
+    """One puzzle record (see docs/temporal_clue.md for the fields).
+
+    `config` (see `config.make_config`) sets every knob; without it the preset of level
+    `players` is used. Raises RuntimeError if `max_worlds` worlds all get stuck.
+    """
+    cfg = (config or preset(players)).check()
     rng = random.Random(seed)
     for _ in range(max_worlds):
-        w = random_world(rng, players)
-        questions = make_questions(w, rng, sizes.bonus)
-        picked = select_clues(w, questions, players, rng)
+        w = random_world(rng, cfg)
+        questions = make_questions(w, rng, cfg.bonus, cfg.bonus_kinds)
+        picked = select_clues(w, questions, cfg, rng)
         if picked is not None:
             break
     else:
@@ -128,12 +216,13 @@ def generate_puzzle(seed: int, players: int, max_worlds: int = 50) -> dict[str, 
     clues, stats = picked
     effort = search_effort(w, clues, questions)
     return {
-        "id": f"tc-p{players}-{seed}",
+        "id": f"tc-{config_id(cfg)}-{seed}",
         "prompt": make_prompt(w, clues, questions),
         "solution": {q["letter"]: q["answer"] for q in questions},
         "num_clues": len(clues),
+        "schema_version": SCHEMA_VERSION,
         "questions": questions,
-        "players": players,
+        "players": cfg.level,
         "seed": seed,
         "sizes": {
             "suspects": len(w.suspects),
@@ -141,6 +230,7 @@ def generate_puzzle(seed: int, players: int, max_worlds: int = 50) -> dict[str, 
             "rooms": len(w.rooms),
             "grid": [w.rows, w.cols],
             "times": len(w.times),
+            "motives": len(w.motives),
             "questions": len(questions),
         },  # fmt: skip
         "difficulty": {
@@ -150,6 +240,9 @@ def generate_puzzle(seed: int, players: int, max_worlds: int = 50) -> dict[str, 
             "families": dict(sorted(Counter(c["family"] for c in clues).items())),
         },
         "generation": stats,
+        "config": cfg.to_dict(),
+        "rules": rules_record(w),
+        "map": {"rows": w.rows, "cols": w.cols, "cells": w.cells, "convention": MAP_CONVENTION},
         "scenario": w.to_dict(),
         "clues": clues,
         "generator_version": GENERATOR_VERSION,

@@ -15,7 +15,7 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from packrl.tasks.temporal_clue.clues import Clue, Subject
+from packrl.tasks.temporal_clue.clues import Clue, Subject, motive_subjects
 from packrl.tasks.temporal_clue.scenario import World
 
 Lit = Any  # a CP-SAT Boolean literal (IntVar or its negation)
@@ -24,14 +24,18 @@ Lit = Any  # a CP-SAT Boolean literal (IntVar or its negation)
 def solver_params(solver: cp_model.CpSolver) -> cp_model.CpSolver:
     """Single worker, fixed seed, no time limit: the same model always gives the same answer.
 
-    Presolve and LP relaxation are off: these models are small and mostly clauses, and both
-    cost more per solve than the search they save (generation takes 2.6-4.4x more CPU with
-    them on: tools/bench_puzzles.py --compare-defaults).
+    Presolve, the LP relaxation, probing and symmetry detection are off: these models are
+    mostly clauses, solved hundreds of times with different assumptions, and each of these
+    steps costs more per solve than the search it saves (presolve and LP: 2.6-4.4x more CPU
+    with them on, tools/bench_puzzles.py --compare-defaults; probing and symmetry: 4.2x more
+    CPU in the solves of a level-8 puzzle, same solves timed both ways, docs/benchmarks.md).
     """
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = 0
     solver.parameters.cp_model_presolve = False
     solver.parameters.linearization_level = 0
+    solver.parameters.cp_model_probing_level = 0
+    solver.parameters.symmetry_level = 0
     return solver
 
 
@@ -41,7 +45,8 @@ class PuzzleModel:
     Variables (all Boolean, one-hot where it says so):
         loc[s][t][r]   suspect s is in room r at time t      (one-hot over r)
         wloc[w][t][r]  weapon w is in room r at time t       (one-hot over r)
-        mot[s][m]      suspect s has motive m                (a permutation)
+        mot[s][m]      suspect s has motive m                (one-hot over m; every m held)
+        vloc[t][r]     the victim is in room r at time t     (only when the victim moves)
         who[s], what[w], where[r], when[t]: the murder      (each one-hot)
         why[m]         the murderer's motive
     """
@@ -90,11 +95,15 @@ class PuzzleModel:
                         movers.append(mv)
                     for x in W:
                         m.AddBoolOr([self.wloc[x][t][r].Not(), self.wloc[x][t + 1][q].Not(), *movers])  # fmt: skip
-        # Motives are a permutation.
+        # One motive each; every motive is held (a permutation when there are as many).
         for s in S:
             m.AddExactlyOne(self.mot[s])
         for k in M:
-            m.AddExactlyOne([self.mot[s][k] for s in S])
+            holders = [self.mot[s][k] for s in S]
+            if len(M) == len(S):
+                m.AddExactlyOne(holders)
+            else:
+                m.AddBoolOr(holders)
         # The murder: the murderer and the weapon are in the room, no other suspect is.
         for v in (self.who, self.what, self.where, self.when):
             m.AddExactlyOne(v)
@@ -110,11 +119,24 @@ class PuzzleModel:
             for s in S:
                 m.AddBoolOr([self.who[s].Not(), self.mot[s][k].Not(), self.why[k]])
                 m.AddBoolOr([self.who[s].Not(), self.mot[s][k], self.why[k].Not()])
+        # The victim walks like a suspect until the murder, then stays in the murder room.
+        self.vloc: list[list[Lit]] = []
+        if w.victim_rooms:
+            self.vloc = bools("vloc", len(T), len(R))
+            for t in T:
+                m.AddExactlyOne(self.vloc[t])
+                for r in R:
+                    if t + 1 < len(T):
+                        m.AddBoolOr([self.vloc[t][r].Not()] + [self.vloc[t + 1][q] for q in near[r]])  # fmt: skip
+                    for u in range(t + 1):
+                        m.AddBoolOr([self.when[u].Not(), self.where[r].Not(), self.vloc[t][r]])
         # Facts stated up front.
-        if "time" in w.given:
-            m.AddBoolOr([self.when[self.ti[w.time]]])
-        if "room" in w.given:
-            m.AddBoolOr([self.where[self.ri[w.room]]])
+        facts = {"who": (self.who, self.si[w.murderer]), "weapon": (self.what, self.wi[w.weapon]),
+                 "room": (self.where, self.ri[w.room]), "time": (self.when, self.ti[w.time]),
+                 "why": (self.why, self.mi[w.motive_of[w.murderer]])}  # fmt: skip
+        for g in w.given:
+            v, i = facts[g]
+            m.AddBoolOr([v[i]])
 
         self._at_cache: dict[tuple, Lit] = {}
         self.differ: Lit | None = None
@@ -127,6 +149,8 @@ class PuzzleModel:
             return self.loc[self.si[s["name"]]][t][r]
         if kind == "weapon":
             return self.wloc[self.wi[s["name"]]][t][r]
+        if kind == "victim":
+            return self.vloc[t][r]
         key = (kind, s.get("name"), t, r)
         if key not in self._at_cache:
             # z == OR_i (sel[i] and grid[i][t][r]), where exactly one sel[i] holds
@@ -137,24 +161,60 @@ class PuzzleModel:
             else:
                 sel, grid = [row[self.mi[s["name"]]] for row in self.mot], self.loc
             z = self.m.NewBoolVar("")
-            for i, chosen in enumerate(sel):
-                self.m.AddBoolOr([chosen.Not(), grid[i][t][r].Not(), z])
-                self.m.AddBoolOr([chosen.Not(), grid[i][t][r], z.Not()])
+            if kind == "motive" and self.world.shared_motives:
+                # several suspects may hold the motive: z == OR_i (sel[i] and grid[i]),
+                # through one auxiliary per suspect (the shortcut below would force all
+                # holders into the same room). Clues add the one-holder presupposition.
+                both = []
+                for i, chosen in enumerate(sel):
+                    y = self.m.NewBoolVar("")
+                    self.m.AddBoolAnd([chosen, grid[i][t][r]]).OnlyEnforceIf(y)
+                    self.m.AddBoolOr([chosen.Not(), grid[i][t][r].Not(), y])
+                    both.append(y)
+                self.m.AddMaxEquality(z, both)
+            else:
+                for i, chosen in enumerate(sel):
+                    self.m.AddBoolOr([chosen.Not(), grid[i][t][r].Not(), z])
+                    self.m.AddBoolOr([chosen.Not(), grid[i][t][r], z.Not()])
             self._at_cache[key] = z
         return self._at_cache[key]
 
     def atom(self, a: Clue) -> Lit:
         if a["family"] == "at":
             return self.at(a["subject"], self.ti[a["time"]], self.ri[a["room"]])
+        if a["family"] == "killed":
+            what = a["what"]
+            if what == "weapon":
+                return self.what[self.wi[a["value"]]]
+            return self.where[self.ri[a["value"]]] if what == "room" else self.when[self.ti[a["value"]]]  # fmt: skip
         return self.mot[self.si[a["suspect"]]][self.mi[a["motive"]]]
+
+    def _presuppose(self, c: Clue, e: Lit) -> None:
+        """With shared motives, "the suspect motivated by M" asserts M has one holder."""
+        w = self.world
+        if len(w.motives) == len(w.suspects):
+            return
+        for name in motive_subjects(c):
+            self.m.AddAtMostOne([row[self.mi[name]] for row in self.mot]).OnlyEnforceIf(e)
 
     # --- clues ---------------------------------------------------------------------------
     def add_clue(self, c: Clue) -> Lit:
         """Add a clue's constraints, enforced only when the returned literal is true."""
         m, f, e = self.m, c["family"], self.m.NewBoolVar("")
         R = range(len(self.world.rooms))
+        self._presuppose(c, e)
         if f in ("at", "motive"):
             m.AddImplication(e, self.atom(c))
+        elif f == "killed":
+            m.AddImplication(e, self.atom(c).Not() if c.get("negated") else self.atom(c))
+        elif f == "same_motive":
+            a, b = (self.mot[self.si[x]] for x in c["suspects"])
+            for k in range(len(a)):
+                if c["same"]:
+                    m.AddImplication(a[k], b[k]).OnlyEnforceIf(e)
+                    m.AddImplication(b[k], a[k]).OnlyEnforceIf(e)
+                else:
+                    m.AddBoolOr([a[k].Not(), b[k].Not()]).OnlyEnforceIf(e)
         elif f == "either":
             a, b = map(self.atom, c["atoms"])
             m.Add(a + b == 1).OnlyEnforceIf(e)
@@ -218,6 +278,14 @@ class PuzzleModel:
             return self.wloc[self.wi[q["weapon"]]][self.ti[q["time"]]][self.ri[a]]
         if kind == "suspect_motive":
             return self.mot[self.si[q["suspect"]]][self.mi[a]]
+        if kind == "motive_suspect":  # a is the one holder of the motive
+            k, z = self.mi[q["motive"]], self.m.NewBoolVar("")
+            only = [row[k] if i == self.si[a] else row[k].Not() for i, row in enumerate(self.mot)]
+            self.m.AddBoolAnd(only).OnlyEnforceIf(z)
+            self.m.AddBoolOr([x.Not() for x in only]).OnlyEnforceIf(z.Not())
+            return z
+        if kind == "victim_room":
+            return self.vloc[self.ti[q["time"]]][self.ri[a]]
         raise ValueError(f"unknown question kind {kind!r}")
 
     def set_questions(self, questions: list[dict[str, Any]]) -> None:
@@ -250,4 +318,5 @@ class PuzzleModel:
             motive_of={s: pick(w.motives, self.mot[i]) for i, s in enumerate(w.suspects)},
             murderer=pick(w.suspects, self.who), weapon=pick(w.weapons, self.what),
             room=pick(w.rooms, self.where), time=pick(w.times, self.when), given=list(w.given),
+            cells=list(w.cells), victim_rooms=[pick(w.rooms, x) for x in self.vloc],
         )  # fmt: skip
