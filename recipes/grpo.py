@@ -29,7 +29,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,36 +42,44 @@ from packrl.checkpointing import load_checkpoint, save_checkpoint
 from packrl.models.weights import load_base_weights
 from packrl.packed.attention import packed_block_mask, use_packed_attention
 from packrl.packed.logprobs import packed_logprobs
-from packrl.packed.packing import GroupRollout, PackedBatch, pack_groups
-from packrl.rewards import RewardScorer, RewardScores, func_name
-from packrl.rl.advantages import group_advantages, uniform_groups
-from packrl.rl.loss import LossStats, completion_loss_weights, grpo_loss
+from packrl.packed.packing import PackedBatch, pack_groups
+from packrl.rewards import TrainerState
+from packrl.rl.advantages import assign_advantages
+from packrl.rl.loss import LossStats
 from packrl.rl.reference import reference_for
-from packrl.rollout.base import Completion
-from packrl.training.config_schema import validate_config
+from packrl.rollout.collect import GroupScorer, collect_rollouts
+from packrl.rollout.group import GroupRollout
+from packrl.tasks.checks import check_task_rows
+from packrl.training.config_schema import ConfigError, validate_config, with_defaults
 from packrl.training.distributed import all_reduce, full_tensor, gather_objects, world
-from packrl.training.metrics import JsonlWriter, mean_std, peak_memory, plot_metrics, read_metrics
+from packrl.training.metrics import (
+    JsonlWriter,
+    peak_memory,
+    plot_metrics,
+    read_metrics,
+    rollout_metrics,
+)
+from packrl.training.micro_batches import plan_micro_batches
+from packrl.training.preemption import PREEMPTED_EXIT_CODE, PreemptionGuard
 
 log = utils.get_logger("INFO")
 
 
-class Rollouts(NamedTuple):
-    """A step's generated and scored completions, prompt-major."""
-
-    completions: list[list[Completion]]  # [P][G]
-    texts: list[str]  # [P * G]
-    scores: RewardScores  # [P * G] each
-    accuracy: torch.Tensor  # [P * G]
-    generation_s: float  # this rank's time in the sampler
-    scoring_s: float  # this rank's scoring, plus waiting for and gathering the other ranks
-
-
 class GRPORecipe:
-    """GRPO recipe: `setup`, `train`, `save_checkpoint`, `cleanup` (torchtune style)."""
+    """GRPO recipe: `setup`, `train`, `save_checkpoint`, `cleanup` (torchtune style).
+
+    The config is read here and in `setup` only; its defaults live in the schema
+    (`packrl.training.config_schema`).
+    """
 
     def __init__(self, cfg: DictConfig) -> None:
-        validate_config(cfg)  # every key known and typed, before anything heavy is built
-        self.cfg = cfg
+        validate_config(cfg)  # every key known, typed and in range, before anything is built
+        self.cfg = cfg = with_defaults(cfg)
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device={cfg.device!r}, but torch sees no CUDA device (torch "
+                f"{torch.__version__}); set device=cpu, or install a CUDA build of torch"
+            )
         self.device = utils.get_device(cfg.device)  # under torchrun: this rank's device
         if training.is_distributed() and not dist.is_initialized():  # launched by torchrun
             dist.init_process_group(
@@ -87,50 +95,85 @@ class GRPORecipe:
         self.seed = gather_objects(training.set_seed(cfg.seed))[0]
         self.max_steps = cfg.max_steps
         g = cfg.grpo
-        self.prompts_per_step = g.prompts_per_step
-        self.group_size = g.group_size
+        self.prompts_per_step, self.group_size = g.prompts_per_step, g.group_size
         self.max_new_tokens = g.max_new_tokens
-        self.temperature = g.get("temperature", 1.0)
-        self.beta = g.get("beta", 0.0)
-        self.num_passes = g.get("num_passes", 1)
-        self.loss_type = g.get("loss_type", "grpo")
-        self.row_len = cfg.packing.row_len
-        self.tokens_per_micro_batch = cfg.packing.get("tokens_per_micro_batch", self.row_len)
+        self.sampling = dict(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        self.scale_rewards, self.drop_uniform_groups = g.scale_rewards, g.drop_uniform_groups
+        self.dynamic_sampling, self.max_sampling_rounds = g.dynamic_sampling, g.max_sampling_rounds
+        self.num_passes, self.reference_on_cpu = g.num_passes, g.reference_on_cpu
+        p = cfg.packing
+        self.row_len, self.truncate, self.logprob_chunk = (
+            p.row_len,
+            p.truncate,
+            p.logprob_chunk_size,
+        )
+        self.rows_per_micro_batch = max(1, (p.tokens_per_micro_batch or p.row_len) // p.row_len)
+        self.clip_grad_norm = cfg.clip_grad_norm
+        e = cfg.eval
+        self.eval_every, self.eval_at_start, self.eval_rows = (
+            e.every_n_steps,
+            e.at_start,
+            e.num_rows,
+        )
+        self.eval_sampling = dict(
+            num_samples=e.num_samples,
+            max_new_tokens=e.max_new_tokens or g.max_new_tokens,
+            temperature=e.temperature,
+            top_p=1.0,
+            top_k=None,
+        )
+        self.save_every, self.keep_last = cfg.save_every_n_steps, cfg.keep_last_checkpoints
+        self.log_num_completions, self.plot = cfg.log_num_completions, cfg.plot
+        self.source_checkpoint_dir = cfg.checkpointer.checkpoint_dir
+        self.model_type = cfg.checkpointer.get("model_type")
+        try:
+            self.preemption = PreemptionGuard(list(cfg.preemption_signals))
+        except ValueError as e:
+            raise ConfigError(f"'preemption_signals': {e}") from e
+        self.last_checkpoint: Path | None = None
+        self.preempted: str | None = None  # the signal that stopped training early
         self.step = 0  # optimizer steps taken == rollout steps done
         self.data_position = 0  # training rows consumed so far
 
     # ----------------------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        model_dir = cfg.get("model_dir")
-        if model_dir is not None and not Path(model_dir).is_dir():
+        if cfg.model_dir is not None and not Path(cfg.model_dir).is_dir():
             raise FileNotFoundError(
-                f"model_dir={model_dir} does not exist. For SmolLM2 run "
+                f"model_dir={cfg.model_dir} does not exist. For SmolLM2 run "
                 "`python tools/prepare_smollm2.py` (setup.sh does); for Qwen2.5 download the HF "
                 "model there (see the config's header), or set model_dir=<your HF model dir>."
             )
-        if self.world_size > 1 and cfg.grpo.get("reference_on_cpu", False):
-            raise ValueError(
+        if self.world_size > 1 and self.reference_on_cpu:
+            raise ConfigError(
                 "grpo.reference_on_cpu: true applies to one device. Under torchrun the reference "
                 "is sharded across the ranks like the policy, which divides its memory by the "
                 "number of ranks; set grpo.reference_on_cpu: false."
             )
+        self.loss = _instantiate(cfg, "loss")  # cheap and checked first: its errors name keys
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = config.instantiate(cfg.tokenizer)
-        self.model, self.is_lora = self._setup_model()
-        self.task = config.instantiate(cfg.task)
+        self.tokenizer = _instantiate(cfg, "tokenizer")
+        self.task = check_task_rows(
+            _instantiate(cfg, "task"),
+            lambda row: len(self.prompt_ids([row])[0]),
+            max_new_tokens=self.max_new_tokens,
+            row_len=self.row_len,
+            prompts_per_step=self.prompts_per_step,
+            long_prompts=cfg.packing.long_prompts,
+        )
         self.scorer = self._setup_scorer()
-        self.sampler = config.instantiate(
-            cfg.sampler,
+        self.model, self.is_lora = self._setup_model()
+        self.sampler = _instantiate(
+            cfg,
+            "sampler",
             self.model,
             stop_token_ids=list(self.tokenizer.stop_token_ids),
             pad_id=self.tokenizer.pad_id,
         )
+        # Rollout correction "auto": on for engines whose logprobs are not the trainer's.
+        self.loss.resolve_auto(getattr(self.sampler, "logprobs_match_trainer", True))
         self.reference = reference_for(
-            self.model,
-            lora=self.is_lora,
-            beta=self.beta,
-            offload_to_cpu=cfg.grpo.get("reference_on_cpu", False),
+            self.model, lora=self.is_lora, beta=self.loss.beta, offload_to_cpu=self.reference_on_cpu
         )
         if self.world_size > 1:
             # After the sampler and the reference copied what they need of the whole model.
@@ -138,18 +181,16 @@ class GRPORecipe:
             if self.reference is not None and self.reference.model is not self.model:
                 self._shard(self.reference.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = config.instantiate(cfg.optimizer, trainable)
-        self.lr_scheduler = config.instantiate(
-            cfg.get("lr_scheduler"),
-            self.optimizer,
-            num_training_steps=self.max_steps * self.num_passes,
+        self.optimizer = _instantiate(cfg, "optimizer", trainable)
+        self.lr_scheduler = _instantiate(
+            cfg, "lr_scheduler", self.optimizer, num_training_steps=self.max_steps * self.num_passes
         )
-        if cfg.get("resume_from_checkpoint", False):
+        if cfg.resume_from_checkpoint:
             self._resume()
         self.activations_ctx = self._activation_offloading()
         if not self.is_rank_zero:
             return  # rank 0 alone logs
-        self.metric_logger = config.instantiate(cfg.metric_logger)
+        self.metric_logger = _instantiate(cfg, "metric_logger")
         self.metric_logger.log_config(cfg)
         self.metrics_file = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.samples_file = JsonlWriter(self.output_dir / "completions.jsonl")
@@ -170,21 +211,19 @@ class GRPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             with training.set_default_dtype(self.dtype), self.device:
-                model = config.instantiate(cfg.model)
-        checkpointer = config.instantiate(cfg.checkpointer)
+                model = _instantiate(cfg, "model")
+        checkpointer = _instantiate(cfg, "checkpointer")
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         load_base_weights(
             model,
             state_dict,
-            source=f"checkpointer weights from {cfg.checkpointer.checkpoint_dir}",
+            source=f"checkpointer weights from {self.source_checkpoint_dir}",
             hint="check checkpointer.model_type and model._component_",
         )
-        if cfg.checkpointer.get("model_type") == "QWEN2" and any(
-            isinstance(m, DoRALinear) for m in model.modules()
-        ):
+        if self.model_type == "QWEN2" and any(isinstance(m, DoRALinear) for m in model.modules()):
             # torchtune's DoRA also scales Qwen2's q/k/v biases, which neither PEFT adapters
             # nor a merged checkpoint can express: the saved model would not be the trained one.
-            raise ValueError(
+            raise ConfigError(
                 "model.use_dora: true is not supported for Qwen2 (its checkpoints could not "
                 "reproduce the trained model); set model.use_dora: false to train LoRA adapters"
             )
@@ -192,7 +231,7 @@ class GRPORecipe:
         is_lora = len(adapter_params) > 0
         if is_lora:
             set_trainable_params(model, adapter_params)
-        if cfg.get("enable_activation_checkpointing", False):
+        if cfg.enable_activation_checkpointing:
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
@@ -208,7 +247,7 @@ class GRPORecipe:
             reshard_after_forward=True,
         )
 
-    def _setup_scorer(self) -> RewardScorer:
+    def _setup_scorer(self) -> GroupScorer:
         """The task's reward functions and weights, unless the config names its own."""
         section = self.cfg.rewards
         defaults = {}
@@ -216,17 +255,11 @@ class GRPORecipe:
             defaults["reward_funcs"] = list(self.task.reward_funcs)
             if section.get("weights") is None:
                 defaults["weights"] = list(self.task.reward_weights)
-        scorer = config.instantiate(section, **defaults)
-        # Accuracy is the task's accuracy function; score it apart only if it is not a reward.
-        acc = self.task.accuracy_func
-        self.accuracy_name = None if acc is None else func_name(acc)
-        self.accuracy_scorer = None
-        if acc is not None and self.accuracy_name not in scorer.names:
-            self.accuracy_scorer = RewardScorer([acc])
-        return scorer
+        rewards = _instantiate(self.cfg, "rewards", **defaults)
+        return GroupScorer(rewards, self.tokenizer.decode, self.task.accuracy_func)
 
     def _activation_offloading(self):
-        enabled = self.cfg.get("enable_activation_offloading", False)
+        enabled = self.cfg.enable_activation_offloading
         if enabled and self.device.type != "cuda":
             warnings.warn(
                 "enable_activation_offloading: true is ignored on "
@@ -255,82 +288,11 @@ class GRPORecipe:
             for r in rows
         ]
 
-    def score(self, rows, completions, scorer: RewardScorer | None = None):
-        """Decode [P][G] completions and score them: (texts [N], RewardScores, accuracy [N])."""
-        texts = [self.tokenizer.decode(c.token_ids) for group in completions for c in group]
-        per = [len(group) for group in completions]
-        flat_rows = [r for r, k in zip(rows, per, strict=True) for _ in range(k)]
-        prompts = [r["messages"] for r in flat_rows]
-        columns = {k: [r[k] for r in flat_rows] for k in flat_rows[0] if k != "messages"}
-        scores = (scorer or self.scorer)(prompts, texts, columns)
-        if self.accuracy_name is None:
-            accuracy = torch.full((len(texts),), float("nan"))
-        elif self.accuracy_name in scores.per_func:
-            accuracy = scores.per_func[self.accuracy_name]
-        else:
-            accuracy = self.accuracy_scorer(prompts, texts, columns).total
-        return texts, scores, accuracy
-
-    def rollout(
-        self,
-        rows: list[dict[str, Any]],
-        prompts: list[list[int]],
-        seeds: list[int],
-        **sampling: Any,
-    ) -> Rollouts:
-        """Generate and score `num_samples` completions for each row, whose prompt token ids
-        are `prompts` (prompt-major).
-
-        Each rank generates and scores every world_size-th row, and the parts are gathered,
-        so every rank returns all of them. Row i samples with seed `seeds[i]`, so the result
-        does not depend on the number of ranks.
-        """
-        t0 = time.perf_counter()
-        mine = list(range(self.rank, len(rows), self.world_size))
-        part = None
-        if mine:
-            local_rows = [rows[i] for i in mine]
-            completions = self.sampler.generate(
-                [prompts[i] for i in mine], seed=[seeds[i] for i in mine], **sampling
-            )
-            generation_s = time.perf_counter() - t0
-            part = (mine, completions, *self.score(local_rows, completions))
-        else:
-            generation_s = 0.0
-        by_row: dict[int, tuple] = {}
-        failures: dict[str, int] = {}
-        for got in gather_objects(part):
-            if got is None:
-                continue
-            idx, completions, texts, scores, accuracy = got
-            G = len(texts) // len(idx)
-            for j, i in enumerate(idx):
-                cut = slice(j * G, (j + 1) * G)
-                per_func = {k: v[cut] for k, v in scores.per_func.items()}
-                by_row[i] = (completions[j], texts[cut], scores.total[cut], per_func, accuracy[cut])
-            for name, n in scores.failures.items():
-                failures[name] = failures.get(name, 0) + n
-        ordered = [by_row[i] for i in range(len(rows))]
-        scores = RewardScores(
-            total=torch.cat([r[2] for r in ordered]),
-            per_func={k: torch.cat([r[3][k] for r in ordered]) for k in ordered[0][3]},
-            failures=failures,
-        )
-        return Rollouts(
-            completions=[r[0] for r in ordered],
-            texts=[t for r in ordered for t in r[1]],
-            scores=scores,
-            accuracy=torch.cat([r[4] for r in ordered]),
-            generation_s=generation_s,
-            scoring_s=time.perf_counter() - t0 - generation_s,
-        )
-
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:
-        eval_cfg = self.cfg.get("eval", {})
-        every = eval_cfg.get("every_n_steps")
-        save_every = self.cfg.get("save_every_n_steps")
-        if self.step == 0 and eval_cfg.get("at_start", False):
+        """Train to `max_steps`, or until a preemption signal (see `preemption_signals`):
+        then the current step is finished, a checkpoint written, and `self.preempted` set."""
+        if self.step == 0 and self.eval_at_start:
             self._log(self.evaluate(), self.step)
         bar = tqdm(
             total=self.max_steps,
@@ -339,99 +301,99 @@ class GRPORecipe:
             unit="step",
             disable=not self.is_rank_zero,
         )
-        while self.step < self.max_steps:
-            metrics = self.train_step()
-            self.step += 1
-            if every and (self.step % every == 0 or self.step == self.max_steps):
-                metrics.update(self.evaluate())
-            self._log(metrics, self.step)
-            bar.update(1)
-            bar.set_postfix(
-                reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}"
-            )
-            if self.step == self.max_steps:
-                self.save_checkpoint(final=True)
-            elif save_every and self.step % save_every == 0:
-                self.save_checkpoint()
+        with self.preemption as guard:
+            while self.step < self.max_steps:
+                metrics = self.train_step()
+                self.step += 1
+                if self.eval_every and (
+                    self.step % self.eval_every == 0 or self.step == self.max_steps
+                ):
+                    metrics.update(self.evaluate())
+                self._log(metrics, self.step)
+                bar.update(1)
+                bar.set_postfix(
+                    reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics['accuracy']:.3f}"
+                )
+                if self.step == self.max_steps:
+                    self.save_checkpoint(final=True)
+                elif guard.should_stop(self.device):
+                    self.save_checkpoint()
+                    self.preempted = guard.received or "a signal on another rank"
+                    break
+                elif self.save_every and self.step % self.save_every == 0:
+                    self.save_checkpoint()
         bar.close()
+        if self.preempted and self.is_rank_zero:
+            print(
+                f"packrl: stopped by {self.preempted} after step {self.step} of "
+                f"{self.max_steps}; checkpoint {self.last_checkpoint}. Resume with the same "
+                "command plus resume_from_checkpoint=true (exit code "
+                f"{PREEMPTED_EXIT_CODE}).",
+                flush=True,
+            )
 
     def train_step(self) -> dict[str, float]:
         """One GRPO step: rollout, score, advantages, pack, update. Returns its metrics."""
-        g = self.cfg.grpo
-        P, G = self.prompts_per_step, self.group_size
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the LR this step's update uses
 
-        # 1-3. prompts, rollouts and rewards [P, G]. Sampling seeds depend only on (seed, step,
-        # prompt): resumable, and the same for any number of ranks.
-        rows = self.next_rows(P)
-        prompts = self.prompt_ids(rows)
-        out = self.rollout(
-            rows,
-            prompts,
-            [_prompt_seed(self.seed, self.step, p) for p in range(P)],
-            num_samples=G,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=g.get("top_p", 1.0),
-            top_k=g.get("top_k"),
-        )
-        completions, texts, scores, accuracy = out.completions, out.texts, out.scores, out.accuracy
-        rewards = torch.as_tensor(scores.total, dtype=torch.float32).view(P, G)
+        # 1-3. prompts, rollouts and rewards. Sampling seeds depend only on (seed, step,
+        # prompt): resumable, and the same for any number of ranks. With dynamic sampling
+        # (DAPO), rounds of prompts_per_step prompts are drawn until that many groups are
+        # informative (not all rewards equal), or max_sampling_rounds is reached.
+        groups: list[GroupRollout] = []
+        generation_s = scoring_s = 0.0
+        for _ in range(self.max_sampling_rounds if self.dynamic_sampling else 1):
+            rows = self.next_rows(self.prompts_per_step)
+            drawn = len(groups)
+            rollouts = collect_rollouts(
+                self.sampler,
+                self.scorer,
+                rows,
+                self.prompt_ids(rows),
+                [_prompt_seed(self.seed, self.step, drawn + i) for i in range(len(rows))],
+                TrainerState(global_step=self.step, max_steps=self.max_steps),
+                num_samples=self.group_size,
+                max_new_tokens=self.max_new_tokens,
+                **self.sampling,
+            )
+            groups += rollouts.groups
+            generation_s += rollouts.generation_s
+            scoring_s += rollouts.scoring_s
+            if sum(not g.is_uniform for g in groups) >= self.prompts_per_step:
+                break
         t_score = time.perf_counter()
 
-        # 4. advantages [P, G]; uniform groups carry no policy gradient
-        advantages = group_advantages(rewards, scale_by_std=g.get("scale_advantages_by_std", True))
-        keep = torch.ones(P, dtype=torch.bool)
-        if g.get("drop_uniform_groups", False):
-            keep = ~uniform_groups(rewards)
-        kept = [p for p in range(P) if keep[p]]
+        # 4. advantages; uniform groups carry no policy gradient
+        assign_advantages(groups, self.scale_rewards)
+        drop = self.drop_uniform_groups or self.dynamic_sampling
+        kept = [g for g in groups if not (drop and g.is_uniform)]
+        if self.dynamic_sampling:
+            kept = kept[: self.prompts_per_step]
 
         # 5. pack and update
         stats, train_metrics = None, {}
         if kept:
-            lengths = [len(c.token_ids) for p in kept for c in completions[p]]
-            weights = completion_loss_weights(lengths, self.loss_type, self.max_new_tokens)
-            groups = []
-            for i, p in enumerate(kept):
-                w = weights[i * G : (i + 1) * G]
-                groups.append(
-                    GroupRollout(
-                        prompt_ids=prompts[p],
-                        completion_ids=[c.token_ids for c in completions[p]],
-                        behaviour_logprobs=[c.logprobs for c in completions[p]],
-                        advantages=advantages[p].tolist(),
-                        loss_weights=w,
-                    )
-                )
+            self.loss.assign_loss_weights(kept, self.max_new_tokens)
             batch = pack_groups(
-                groups,
-                row_len=self.row_len,
-                truncate=self.cfg.packing.get("truncate", False),
-                pad_id=self.tokenizer.pad_id,
+                kept, self.row_len, truncate=self.truncate, pad_id=self.tokenizer.pad_id
             )
             stats, train_metrics = self.update(batch)
             self.sampler.sync_weights(self.model)  # the next rollout samples the new policy
         t_train = time.perf_counter()
 
         # 6. metrics
-        lengths_all = [len(c.token_ids) for group in completions for c in group]
-        finished = [c.finished for group in completions for c in group]
-        metrics = self._reward_metrics(scores)
-        metrics["accuracy"] = float(accuracy.mean())
-        len_mean, _ = mean_std(lengths_all)
+        metrics = rollout_metrics(groups)
+        generated = sum(n for g in groups for n in g.lengths)
         metrics.update(
             {
                 "groups_kept": float(len(kept)),
-                "completion_len/mean": len_mean,
-                "completion_len/min": float(min(lengths_all)),
-                "completion_len/max": float(max(lengths_all)),
-                "truncated_frac": 1.0 - sum(finished) / len(finished),
-                "time/generation_s": out.generation_s,  # this rank's share (rank 0 logs)
-                "time/scoring_s": out.scoring_s,  # incl. gathering the ranks' rollouts
+                "rollout/prompts_drawn": float(len(groups)),
+                "time/generation_s": generation_s,  # this rank's share (rank 0 logs)
+                "time/scoring_s": scoring_s,  # incl. gathering the ranks' rollouts
                 "time/training_s": t_train - t_score,  # incl. pushing weights to the sampler
                 "time/step_s": t_train - t0,
-                "tokens_per_s/generation": sum(lengths_all) / max(out.generation_s, 1e-9),
+                "tokens_per_s/generation": generated / max(generation_s, 1e-9),
                 "lr": lr,
             }
         )
@@ -439,7 +401,7 @@ class GRPORecipe:
             metrics.update({f"loss/{k}": v for k, v in stats.means().items()})
         metrics.update(train_metrics)
         metrics.update(peak_memory(self.device))
-        self._log_completions(rows, completions, texts, scores)
+        self._log_completions(groups)
         return metrics
 
     def update(self, batch: PackedBatch) -> tuple[LossStats, dict[str, float]]:
@@ -447,65 +409,44 @@ class GRPORecipe:
 
         The loss is a weighted sum whose weights already hold the aggregation, so summing the
         micro-batch gradients (and, under FSDP, the ranks' gradients) gives exactly the
-        full-batch gradient. Each rank trains every world_size-th row.
-
-        Every rank must run the same number of forward/backward passes, since each one gathers
-        and reduces the FSDP shards; a rank short of rows runs a filler micro-batch (a real
-        row whose loss mask is empty: zero gradient, no stats).
+        full-batch gradient. Each rank trains its rows of `plan_micro_batches`, filler
+        micro-batches included.
         """
         self.model.train()
-        rows_per_mb = max(1, self.tokens_per_micro_batch // self.row_len)
-        num_rows = batch.tokens.shape[0]
-        mine = list(range(self.rank, num_rows, self.world_size))
-        micro_batches: list[list[int] | None] = [
-            mine[i : i + rows_per_mb] for i in range(0, len(mine), rows_per_mb)
-        ]
-        rows_per_rank = -(-num_rows // self.world_size)
-        micro_batches += [None] * (-(-rows_per_rank // rows_per_mb) - len(micro_batches))
-        chunk = self.cfg.packing.get("logprob_chunk_size", 1024)
-        clip = self.cfg.get("clip_grad_norm")
-        g = self.cfg.grpo
+        plan = plan_micro_batches(
+            batch.num_rows, self.rows_per_micro_batch, self.rank, self.world_size
+        )
+        filler_row = [self.rank % batch.num_rows]
         t_ref = t_policy = 0.0
         trained_tokens = 0
         entropy_sum = 0.0
         drift_sum, drift_max = 0.0, 0.0
         grad_norm = float("nan")
+        old_logprobs: dict[int, torch.Tensor] = {}  # per micro-batch, before the first step
         for pass_idx in range(self.num_passes):
             stats = None
-            for idx in micro_batches:
-                mb = batch.select_rows(idx or [mine[0] if mine else 0]).to(self.device)
-                loss_mask = mb.trained if idx else torch.zeros_like(mb.trained)
+            for i, rows in enumerate(plan):
+                mb = batch.select_rows(rows or filler_row).to(self.device)
+                loss_mask = mb.trained if rows else torch.zeros_like(mb.trained)
                 mask = packed_block_mask(mb.group_ids, mb.parent_ids)  # policy and reference
+                score = functools.partial(
+                    packed_logprobs,
+                    batch=mb,
+                    mask=mask,
+                    temperature=self.sampling["temperature"],
+                    chunk_size=self.logprob_chunk,
+                )
                 t = time.perf_counter()
                 ref = None
                 if self.reference is not None:  # same packed batch and mask as the policy
-                    ref, _ = self.reference.logprobs(
-                        lambda m, mb=mb, mask=mask: packed_logprobs(
-                            m, mb, mask=mask, temperature=self.temperature, chunk_size=chunk
-                        )
-                    )
+                    ref, _ = self.reference.logprobs(score)
                 t_ref += time.perf_counter() - t
                 t = time.perf_counter()
                 with self.activations_ctx:
-                    logprobs, entropy = packed_logprobs(
-                        self.model,
-                        mb,
-                        mask=mask,
-                        temperature=self.temperature,
-                        chunk_size=chunk,
-                        with_entropy=True,
-                    )
-                loss, mb_stats = grpo_loss(
-                    logprobs,
-                    mb.behaviour_logprobs,
-                    mb.advantages,
-                    mb.loss_weights,
-                    loss_mask,
-                    ref,
-                    epsilon_low=g.get("epsilon_low", 0.2),
-                    epsilon_high=g.get("epsilon_high", 0.2),
-                    beta=self.beta,
-                )
+                    logprobs, entropy = score(self.model, with_entropy=True)
+                if pass_idx == 0 and self.loss.needs_old_logprobs:
+                    old_logprobs[i] = logprobs.detach()
+                loss, mb_stats = self.loss(logprobs, mb, loss_mask, ref, old_logprobs.get(i))
                 # FSDP averages the ranks' gradients; the loss weights want their sum.
                 (loss * self.world_size).backward()
                 t_policy += time.perf_counter() - t
@@ -517,13 +458,10 @@ class GRPORecipe:
                     drift = (logprobs.detach() - mb.behaviour_logprobs)[loss_mask].abs()
                     drift_sum += float(drift.sum())
                     drift_max = max(drift_max, float(drift.max())) if drift.numel() else drift_max
-            if clip is not None:
+            if self.clip_grad_norm is not None:
+                trainable = [p for p in self.model.parameters() if p.requires_grad]
                 grad_norm = float(
-                    full_tensor(
-                        torch.nn.utils.clip_grad_norm_(
-                            [p for p in self.model.parameters() if p.requires_grad], clip
-                        )
-                    )
+                    full_tensor(torch.nn.utils.clip_grad_norm_(trainable, self.clip_grad_norm))
                 )
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -551,69 +489,49 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(
-        self, temperature: float | None = None, num_samples: int | None = None
-    ) -> dict[str, float]:
-        """Accuracy on the task's held-out rows at fixed sampling settings (default: greedy).
-
-        Uses fixed seeds, so two evaluations of the same weights give the same numbers."""
-        e = self.cfg.get("eval", {})
-        temperature = e.get("temperature", 0.0) if temperature is None else temperature
-        num_samples = e.get("num_samples", 1) if num_samples is None else num_samples
-        rows = list(self.task.eval)
-        if e.get("num_rows") is not None:
-            rows = rows[: e.num_rows]
+    def evaluate(self) -> dict[str, float]:
+        """Accuracy on the task's held-out rows at the `eval` section's sampling settings
+        (default: greedy). Fixed seeds: two evaluations of the same weights agree."""
+        rows = list(self.task.eval)[: self.eval_rows]
         if not rows:
             return {}
-        out = self.rollout(
+        rollouts = collect_rollouts(
+            self.sampler,
+            self.scorer,
             rows,
             self.prompt_ids(rows),
             [_prompt_seed(self.seed, -1, i) for i in range(len(rows))],
-            num_samples=num_samples,
-            max_new_tokens=e.get("max_new_tokens") or self.max_new_tokens,
-            temperature=temperature,
-            top_p=1.0,
-            top_k=None,
+            TrainerState(global_step=self.step, max_steps=self.max_steps),
+            **self.eval_sampling,
         )
-        scores, accuracy = out.scores, out.accuracy
-        suffix = "" if temperature == 0 else "_sampled"
+        metrics = rollout_metrics(rollouts.groups)
+        suffix = "" if self.eval_sampling["temperature"] == 0 else "_sampled"
         return {
-            f"eval/accuracy{suffix}": float(accuracy.mean()),
-            f"eval/reward{suffix}": float(scores.total.mean()),
+            f"eval/accuracy{suffix}": metrics["accuracy"],
+            f"eval/reward{suffix}": metrics["reward/mean"],
         }
 
     # --------------------------------------------------------------------------- logging
-    def _reward_metrics(self, scores) -> dict[str, float]:
-        out = {"reward/mean": float(scores.total.mean()), "reward/std": _std(scores.total)}
-        for name, values in scores.per_func.items():
-            out[f"reward/{name}/mean"] = float(values.mean())
-            out[f"reward/{name}/std"] = _std(values)
-        for name, n in scores.failures.items():
-            out[f"reward/{name}/failures"] = float(n)
-        return out
-
     def _log(self, metrics: dict[str, float], step: int) -> None:
         if not metrics or not self.is_rank_zero:
             return
         self.metric_logger.log_dict(metrics, step=step)
         self.metrics_file.write({"step": step, **metrics})
 
-    def _log_completions(self, rows, completions, texts, scores) -> None:
-        """Append the first `log_num_completions` completions of this step to completions.jsonl."""
+    def _log_completions(self, groups: list[GroupRollout]) -> None:
+        """Append the step's first `log_num_completions` completions to completions.jsonl."""
         if not self.is_rank_zero:
             return
-        n = self.cfg.get("log_num_completions", 4)
-        G = self.group_size
-        for i in range(min(n, len(texts))):
-            p = i // G
+        samples = [(g, j) for g in groups for j in range(g.group_size)]
+        for g, j in samples[: self.log_num_completions]:
             self.samples_file.write(
                 {
                     "step": self.step + 1,  # the step these metrics are logged under
-                    "prompt": rows[p]["messages"][-1]["content"],
-                    "completion": texts[i],
-                    "reward": float(scores.total[i]),
-                    "rewards": {k: float(v[i]) for k, v in scores.per_func.items()},
-                    "finished": completions[p][i % G].finished,
+                    "prompt": g.row["messages"][-1]["content"],
+                    "completion": g.completions[j].text,
+                    "reward": g.reward[j],
+                    "rewards": {name: values[j] for name, values in g.rewards.items()},
+                    "finished": g.completions[j].finished,
                 }
             )
 
@@ -627,13 +545,13 @@ class GRPORecipe:
             self.output_dir / "checkpoints",
             self.step,
             model=self.model,
-            source_checkpoint_dir=self.cfg.checkpointer.checkpoint_dir,
-            model_type=self.cfg.checkpointer.get("model_type"),
+            source_checkpoint_dir=self.source_checkpoint_dir,
+            model_type=self.model_type,
             adapter_only=self.is_lora and not final,
             optimizer=self.optimizer,
             lr_scheduler=self.lr_scheduler,
             data_state={"data_position": self.data_position},
-            keep_last=self.cfg.get("keep_last_checkpoints"),
+            keep_last=self.keep_last,
         )
         return self.last_checkpoint
 
@@ -662,16 +580,27 @@ class GRPORecipe:
         self.metrics_file.close()
         self.samples_file.close()
         plot = None
-        if self.cfg.get("plot", True):
+        if self.plot:
             plot = plot_metrics(
                 read_metrics(self.metrics_file.path),
                 self.output_dir / "reward.png",
                 title=f"GRPO on {self.task.name}",
             )
-        print(f"checkpoint: {getattr(self, 'last_checkpoint', None)}", flush=True)
+        print(f"checkpoint: {self.last_checkpoint}", flush=True)
         print(f"logs:       {self.metrics_file.path} (completions: {self.samples_file.path})")
         if plot is not None:
             print(f"plot:       {plot}", flush=True)
+
+
+def _instantiate(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
+    """`config.instantiate(cfg[key], ...)`; a ValueError from the component names its key."""
+    section = cfg[key]
+    if section is None:
+        return None
+    try:
+        return config.instantiate(section, *args, **kwargs)
+    except ValueError as e:
+        raise ConfigError(f"'{key}' ({section._component_}): {e}") from e
 
 
 @functools.cache
@@ -686,18 +615,15 @@ def _prompt_seed(seed: int, step: int, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
 
 
-def _std(x: torch.Tensor) -> float:
-    return float(x.std(unbiased=False)) if x.numel() else 0.0
-
-
 @config.parse
-def recipe_main(cfg: DictConfig) -> None:
+def recipe_main(cfg: DictConfig) -> int:
     """GRPO fine-tuning on packed multi-prompt sequences (see the module docstring)."""
     config.log_config(recipe_name="GRPORecipe", cfg=cfg)
     recipe = GRPORecipe(cfg)
     recipe.setup()
     recipe.train()
     recipe.cleanup()
+    return PREEMPTED_EXIT_CODE if recipe.preempted else 0
 
 
 if __name__ == "__main__":

@@ -110,3 +110,10 @@ def step_metrics(out: Path) -> dict[int, dict]:
     from packrl.training.metrics import read_metrics
 
     return {r["step"]: r for r in read_metrics(out / "metrics.jsonl")}
+
+
+def completions_of(token_ids: list[list[int]], logprobs: list[list[float]]) -> list:
+    """Finished `Completion` records from parallel token-id and behaviour-logprob lists."""
+    from packrl.rollout.base import Completion
+
+    return [Completion(t, lp, finished=True) for t, lp in zip(token_ids, logprobs, strict=True)]

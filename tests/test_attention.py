@@ -4,6 +4,7 @@ equals SDPA (values and gradients); torchtune integration; KV-cache sampling unc
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import completions_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask
@@ -18,7 +19,8 @@ from packrl.packed.attention import (
     packed_mask_mod,
     use_packed_attention,
 )
-from packrl.packed.packing import GroupRollout, pack_groups
+from packrl.packed.packing import pack_groups
+from packrl.rollout.group import GroupRollout
 
 ATOL = 1e-5  # fp32: blockwise and dense attention differ only by summation order
 
@@ -36,8 +38,9 @@ def random_batch(seed: int, row_len: int, n_groups: int = 4, max_prompt: int = 4
         groups.append(
             GroupRollout(
                 prompt_ids=[randint(0, 99) for _ in range(P)],
-                completion_ids=[[randint(0, 99) for _ in range(n)] for n in lens],
-                behaviour_logprobs=[[0.0] * n for n in lens],
+                completions=completions_of(
+                    [[randint(0, 99) for _ in range(n)] for n in lens], [[0.0] * n for n in lens]
+                ),
                 advantages=[1.0] * len(lens),
                 loss_weights=[1.0] * len(lens),
             )

@@ -52,10 +52,10 @@ def test_env_interpolation_and_cli_override(monkeypatch):
     [
         ("max_step", 2, "unknown key 'max_step'; did you mean 'max_steps'?"),
         ("grpo.group_sise", 4, "unknown key 'grpo.group_sise'; did you mean 'grpo.group_size'?"),
-        ("grpo.beta", "zero", "'grpo.beta' must be int or float, got str 'zero'"),
+        ("loss.beta", "zero", "'loss.beta' must be int or float, got str 'zero'"),
         ("max_steps", 2.5, "'max_steps' must be int, got float 2.5"),
         ("max_steps", True, "'max_steps' must be int, got bool True"),
-        ("grpo.loss_type", "ppo", "'grpo.loss_type' must be one of ['grpo', 'dapo', 'dr_grpo']"),
+        ("grpo.scale_rewards", "std", "'grpo.scale_rewards' must be one of ['group', 'batch', "),
         ("optimizer.lrr", 1e-5, "unknown key 'optimizer.lrr': torch.optim.AdamW takes no "),
         ("sampler.max_batch", 8, "did you mean 'sampler.max_batch_size'?"),
         ("sampler.pad_id", 0, "'sampler.pad_id' is set by the recipe"),
@@ -86,3 +86,46 @@ def test_errors_are_collected():
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     assert "'seeed'" in str(err.value) and "'eval.temprature'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [  # every value here used to pass validation and fail late, or silently train nothing
+        ("grpo.group_size", 1, "'grpo.group_size' must be >= 2, got 1 (advantages are relative"),
+        ("max_steps", -1, "'max_steps' must be >= 1, got -1"),
+        ("grpo.prompts_per_step", 0, "'grpo.prompts_per_step' must be >= 1, got 0"),
+        ("grpo.num_passes", 0, "'grpo.num_passes' must be >= 1, got 0"),
+        ("eval.num_samples", 0, "'eval.num_samples' must be >= 1, got 0"),
+        ("keep_last_checkpoints", 0, "'keep_last_checkpoints' must be >= 1, got 0"),
+        ("grpo.temperature", 0, "'grpo.temperature' must be > 0, got 0"),
+        ("grpo.top_p", 1.5, "'grpo.top_p' must be > 0 and <= 1, got 1.5"),
+        ("grpo.max_new_tokens", 0, "'grpo.max_new_tokens' must be >= 1, got 0"),
+        (
+            "grpo.max_new_tokens",
+            1024,
+            "'grpo.max_new_tokens' (1024) must be below 'packing.row_len'",
+        ),
+        ("loss.epsilon_low", "x", "'loss.epsilon_low' must be int or float, got str 'x'"),
+    ],
+)
+def test_out_of_range_value_is_named_with_its_range(key, value, message):
+    cfg = _cpu_config()
+    OmegaConf.update(cfg, key, value, force_add=True)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert message in str(err.value)
+
+
+def test_defaults_live_in_the_schema():
+    from packrl.training.config_schema import with_defaults
+
+    cfg = _cpu_config()
+    for key in ("temperature", "top_p", "num_passes"):
+        del cfg.grpo[key]
+    del cfg["loss"], cfg["eval"]
+    validate_config(cfg)
+    full = with_defaults(cfg)
+    assert (full.grpo.temperature, full.grpo.top_p, full.grpo.num_passes) == (1.0, 1.0, 1)
+    assert full.loss._component_ == "packrl.rl.loss.GRPOLoss"
+    assert full.eval.num_samples == 1 and full.eval.every_n_steps is None
+    assert "temperature" not in cfg.grpo  # the input is not changed

@@ -93,7 +93,7 @@ def test_two_ranks_train_like_one_process_smollm2(tmp_path, smollm2_dir):
     ranks launched as two single-rank nodes (the multi-node path)."""
     settings = {
         "max_steps": 1,
-        "grpo.beta": 0.05,
+        "loss.beta": 0.05,
         "optimizer": {"_component_": "torch.optim.SGD", "lr": 0.05},
     }
     one, two = tmp_path / "one", tmp_path / "two"
@@ -138,7 +138,7 @@ def test_two_ranks_lora_resume_exactly_and_match_one_process(tmp_path, tiny_mode
             "lora_rank": 4,
             "lora_alpha": 8.0,
         },
-        "grpo.beta": 0.1,
+        "loss.beta": 0.1,
         "optimizer.lr": 1e-3,
         # a constant LR: the interrupted run stops at max_steps=1, and a cosine schedule
         # depends on max_steps

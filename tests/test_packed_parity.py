@@ -17,6 +17,7 @@ Tolerances (fp32):
 
 import pytest
 import torch
+from conftest import completions_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
@@ -26,7 +27,8 @@ from torchtune.training import set_activation_checkpointing
 
 from packrl.packed.attention import packed_dense_mask, use_packed_attention
 from packrl.packed.logprobs import packed_logprobs
-from packrl.packed.packing import GroupRollout, pack_groups
+from packrl.packed.packing import pack_groups
+from packrl.rollout.group import GroupRollout
 
 LOGPROB_ATOL = 1e-5
 SMOLLM2_ATOL = 3e-5
@@ -76,8 +78,10 @@ def random_groups(seed, n_groups, max_prompt, max_completion, vocab=128, max_g=5
         groups.append(
             GroupRollout(
                 prompt_ids=[randint(0, vocab - 1) for _ in range(randint(1, max_prompt))],
-                completion_ids=[[randint(0, vocab - 1) for _ in range(n)] for n in lens],
-                behaviour_logprobs=[[0.0] * n for n in lens],
+                completions=completions_of(
+                    [[randint(0, vocab - 1) for _ in range(n)] for n in lens],
+                    [[0.0] * n for n in lens],
+                ),
                 advantages=[randint(-3, 3) / 2 for _ in lens],
                 loss_weights=[1.0 / randint(1, 4) for _ in lens],
             )
@@ -102,7 +106,7 @@ def reference(model, groups, temperature=1.0):
     try:
         for grp in groups:
             P = len(grp.prompt_ids)
-            for c in grp.completion_ids:
+            for c in (c.token_ids for c in grp.completions):
                 model(torch.tensor([grp.prompt_ids + c]))
                 h = captured["h"][0, P - 1 : P - 1 + len(c)].double()
                 logp = (h @ weight.T / temperature).log_softmax(-1)
@@ -145,7 +149,7 @@ def weighted_loss(batch, logprobs):
 def reference_loss(groups, ref):
     terms, s = [], 0
     for grp in groups:
-        for j in range(len(grp.completion_ids)):
+        for j in range(grp.group_size):
             terms.append(grp.advantages[j] * grp.loss_weights[j] * ref[s][0].sum())
             s += 1
     return torch.stack(terms).sum()
@@ -201,7 +205,7 @@ def test_tiny_lora_with_activation_checkpointing():
 def test_tiny_parity_property(seed, n_groups, max_prompt, max_completion, extra):
     model = tiny_model()
     groups = random_groups(seed, n_groups, max_prompt, max_completion, max_g=6)
-    longest = max(len(g.prompt_ids) + max(map(len, g.completion_ids)) for g in groups)
+    longest = max(len(g.prompt_ids) + max(g.lengths) for g in groups)
     batch = pack_groups(groups, row_len=longest + extra)
     with torch.no_grad():
         lp, ent = packed_logprobs(model, batch, with_entropy=True)
@@ -238,8 +242,7 @@ def smollm2_groups(tokenizer):
         groups.append(
             GroupRollout(
                 prompt_ids=tokenizer.tokenize_messages([{"role": "user", "content": p}]),
-                completion_ids=comps,
-                behaviour_logprobs=[[0.0] * len(c) for c in comps],
+                completions=completions_of(comps, [[0.0] * len(c) for c in comps]),
                 advantages=[1.0, -0.5, 0.25, -1.0][: len(comps)],
                 loss_weights=[1.0 / len(c) for c in comps],
             )
@@ -253,7 +256,7 @@ def test_smollm2_logprob_and_gradient_parity(smollm2_trainable, smollm2_tokenize
     sequence run alone (see the module docstring for why not 1e-5)."""
     model = smollm2_trainable
     groups = smollm2_groups(smollm2_tokenizer)
-    longest = max(len(g.prompt_ids) + max(map(len, g.completion_ids)) for g in groups)
+    longest = max(len(g.prompt_ids) + max(g.lengths) for g in groups)
     batch = pack_groups(groups, row_len=max(96, longest))
     assert batch.num_rows < batch.stats.sequences
     lp, _ = packed_logprobs(model, batch)

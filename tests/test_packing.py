@@ -2,18 +2,22 @@
 
 import pytest
 import torch
+from conftest import completions_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packrl.packed.packing import GroupRollout, pack_groups
+from packrl.packed.packing import pack_groups
+from packrl.rollout.group import GroupRollout
 
 
 def make_group(prompt, completions, advantages=None, weights=None) -> GroupRollout:
     G = len(completions)
     return GroupRollout(
         prompt_ids=list(prompt),
-        completion_ids=[list(c) for c in completions],
-        behaviour_logprobs=[[-0.01 * (t + 1) for t in range(len(c))] for c in completions],
+        completions=completions_of(
+            [list(c) for c in completions],
+            [[-0.01 * (t + 1) for t in range(len(c))] for c in completions],
+        ),
         advantages=advantages if advantages is not None else [float(j) for j in range(G)],
         loss_weights=weights if weights is not None else [1.0 / (j + 1) for j in range(G)],
     )
@@ -91,8 +95,8 @@ def test_bad_shapes_name_the_field():
     with pytest.raises(ValueError, match="advantages has 1 entries but there are 2 completions"):
         pack_groups([g], row_len=8)
     g = make_group([1, 2], [[3], [4]])
-    g.behaviour_logprobs[1] = []
-    with pytest.raises(ValueError, match="completion 1: 1 tokens but 0 behaviour_logprobs"):
+    g.completions[1].logprobs = []
+    with pytest.raises(ValueError, match="completion 1: 1 tokens but 0 behaviour logprobs"):
         pack_groups([g], row_len=8)
 
 
@@ -145,7 +149,7 @@ def test_packing_invariants(case):
     seq = 0
     for g in groups:
         P = len(g.prompt_ids)
-        for j, c in enumerate(g.completion_ids):
+        for j, c in enumerate(c.token_ids for c in g.completions):
             sel = b.seq_ids == seq
             rows = sel.any(dim=1).nonzero()[:, 0]
             assert len(rows) == 1  # one completion, one row, contiguous
@@ -164,7 +168,7 @@ def test_packing_invariants(case):
             assert b.pred_pos[r, cols[1:]].tolist() == cols[:-1].tolist()
             assert parent < int(b.group_ids[r, cols[0]])  # the prompt comes first
             seq += 1
-    assert b.stats.trained_tokens == sum(len(c) for g in groups for c in g.completion_ids)
+    assert b.stats.trained_tokens == sum(len(c.token_ids) for g in groups for c in g.completions)
     # first-fit: no two rows could have been merged
     load = (b.group_ids != -1).sum(dim=1)
     for i in range(b.num_rows):

@@ -279,7 +279,7 @@ def test_tiny_micro_batch_split_gives_the_same_update(tiny_model_dir, tmp_path):
 
 
 def test_tiny_lora_trains_adapters_only_and_evaluates(tiny_model_dir, tmp_path):
-    recipe = _tiny_recipe(tiny_model_dir, tmp_path, lora=True, **{"grpo.beta": 0.1})
+    recipe = _tiny_recipe(tiny_model_dir, tmp_path, lora=True, **{"loss.beta": 0.1})
     assert recipe.is_lora and recipe.reference is not None  # adapters-disabled reference
     before = {n: p.detach().clone() for n, p in recipe.model.named_parameters()}
     metrics = _step(recipe)

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import completions_of
 from torch import nn
 from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_2
 
@@ -127,8 +128,9 @@ def test_packed_grpo_step_with_lora_reference():
     """
     from packrl.packed.attention import packed_block_mask, use_packed_attention
     from packrl.packed.logprobs import packed_logprobs
-    from packrl.packed.packing import GroupRollout, pack_groups
+    from packrl.packed.packing import pack_groups
     from packrl.rl.loss import completion_loss_weights, grpo_loss
+    from packrl.rollout.group import GroupRollout
 
     g = torch.Generator().manual_seed(3)
     policy = use_packed_attention(tiny_lora())
@@ -145,8 +147,7 @@ def test_packed_grpo_step_with_lora_reference():
     groups = [
         GroupRollout(
             prompt_ids=ids(4),
-            completion_ids=comps,
-            behaviour_logprobs=[[0.0] * len(c) for c in comps],
+            completions=completions_of(comps, [[0.0] * len(c) for c in comps]),
             advantages=[1.0, -0.25, -0.5],
             loss_weights=weights[3 * i : 3 * i + 3],
         )

@@ -1,12 +1,13 @@
 """RewardScorer: weighted sums, and reward functions that raise, hang or return junk."""
 
 import logging
+import sys
 import time
 
 import pytest
 import torch
 
-from packrl.rewards import RewardScorer, resolve_reward_funcs
+from packrl.rewards import RewardFunctionError, RewardScorer, TrainerState, resolve_reward_funcs
 from packrl.tasks.math import math_accuracy
 
 
@@ -73,13 +74,66 @@ def test_none_and_nan_values():
     assert scores.failures["junk_reward"] == 1
 
 
-def test_wrong_length_is_a_failure_not_a_crash():
+def test_wrong_length_is_a_bug_that_stops_the_run():
     def too_many(completions, **kwargs):
         return [1.0] * (len(completions) + 1)
 
-    scores = RewardScorer([too_many])(PROMPTS, ["a", "b", "c"], {})
-    assert scores.per_func["too_many"].tolist() == [0.0, 0.0, 0.0]
-    assert scores.failures["too_many"] == 3
+    with pytest.raises(RewardFunctionError, match="too_many returned 4 values for 3 completions"):
+        RewardScorer([too_many])(PROMPTS, ["a", "b", "c"], {})
+
+
+def exits(completions, **kwargs):
+    sys.exit(3)
+
+
+def exits_on_b(completions, **kwargs):
+    return [sys.exit(0) if c == "b" else 1.0 for c in completions]
+
+
+@pytest.mark.parametrize("fn", [exits, exits_on_b])
+def test_system_exit_in_a_reward_costs_its_samples_visibly(fn, caplog):
+    """sys.exit() inside a reward used to end its thread silently: every sample scored 0 with
+    no failure counted. Now each sample it was raised on is a counted, logged failure."""
+    scorer = RewardScorer([fn, length_reward])
+    with caplog.at_level(logging.WARNING, logger="packrl.rewards"):
+        scores = scorer(PROMPTS, ["a", "b", "ccc"], {})
+    expected_failed = [True, True, True] if fn is exits else [False, True, False]
+    assert scores.failed[fn.__name__].tolist() == expected_failed
+    assert scores.failures[fn.__name__] == sum(expected_failed)
+    assert scores.per_func["length_reward"].tolist() == [1.0, 1.0, 3.0]  # the others still count
+    assert fn.__name__ in caplog.text and "SystemExit" in caplog.text
+
+
+def test_a_reward_failing_every_sample_stops_after_max_failed_batches():
+    def always_fails(completions, **kwargs):
+        raise KeyError("answer")
+
+    scorer = RewardScorer([always_fails, length_reward], max_failed_batches=2)
+    scores = scorer(PROMPTS, ["a", "b", "c"], {})  # first failed batch: counted, run goes on
+    assert scores.failures["always_fails"] == 3
+    with pytest.raises(RewardFunctionError, match="always_fails failed on every sample of 2"):
+        scorer(PROMPTS, ["a", "b", "c"], {})
+    # a batch with one success resets the count
+    flaky = RewardScorer([raises_on_bad], max_failed_batches=2)
+    for batch in (["bad"] * 3, ["bad", "ok", "bad"], ["bad"] * 3):
+        flaky(PROMPTS, batch, {})
+
+
+def test_trl_keyword_arguments_reach_the_function():
+    seen = {}
+
+    def spy(prompts, completions, completion_ids, trainer_state, answer, **kwargs):
+        seen.update(ids=completion_ids, step=trainer_state.global_step, answer=answer)
+        return [0.0] * len(completions)
+
+    state = TrainerState(global_step=7, max_steps=10)
+    ids = [[1, 2], [3], [4, 5, 6]]
+    RewardScorer([spy])(
+        PROMPTS,
+        ["a", "b", "c"],
+        {"answer": ["x", "y", "z"], "completion_ids": ids, "trainer_state": state},
+    )
+    assert seen == {"ids": ids, "step": 7, "answer": ["x", "y", "z"]}
 
 
 def test_resolve_reward_funcs():

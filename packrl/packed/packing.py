@@ -29,22 +29,13 @@ from typing import TypeVar
 
 import torch
 
+from packrl.rollout.group import GroupRollout
+
 T = TypeVar("T")
 
-__all__ = ["GroupRollout", "PackedBatch", "PackingStats", "pack_groups"]
+__all__ = ["PackedBatch", "PackingStats", "pack_groups"]
 
 PAD_GROUP = -1  # group/parent id of padding positions
-
-
-@dataclass
-class GroupRollout:
-    """One prompt and its sampled completions (the unit GRPO normalises advantages over)."""
-
-    prompt_ids: list[int]
-    completion_ids: list[list[int]]  # G lists, prompt excluded, stop token included if sampled
-    behaviour_logprobs: list[list[float]]  # same shape as completion_ids
-    advantages: list[float]  # one per completion
-    loss_weights: list[float]  # one per completion: weight of each of its tokens in the loss
 
 
 @dataclass
@@ -132,6 +123,10 @@ def pack_groups(
 ) -> PackedBatch:
     """Pack ``groups`` into rows of ``row_len`` tokens (first-fit decreasing).
 
+    Each group's completions are packed with their token ids and behaviour logprobs, and the
+    group's ``advantages`` and ``loss_weights`` (one per completion) are spread over their
+    tokens.
+
     A group whose prompt and completions fit in one row is kept together. A larger group
     is split into chunks (its prompt repeated in each) by first-fit decreasing over its
     completions; the chunks are then packed into rows by first-fit decreasing, several
@@ -163,7 +158,7 @@ def pack_groups(
     R, S = len(rows), row_len
     seq_offset = [0]
     for grp in groups:
-        seq_offset.append(seq_offset[-1] + len(grp.completion_ids))
+        seq_offset.append(seq_offset[-1] + grp.group_size)
     t = {
         "tokens": torch.full((R, S), pad_id, dtype=torch.long),
         "positions": torch.zeros(R, S, dtype=torch.long),
@@ -193,7 +188,8 @@ def pack_groups(
             for j in js:
                 n = lens[g][j]
                 sl = slice(at, at + n)
-                t["tokens"][r, sl] = torch.tensor(grp.completion_ids[j][:n])
+                completion = grp.completions[j]
+                t["tokens"][r, sl] = torch.tensor(completion.token_ids[:n])
                 t["positions"][r, sl] = torch.arange(P, P + n)
                 t["group_ids"][r, sl] = segment
                 t["parent_ids"][r, sl] = prompt_seg
@@ -202,7 +198,7 @@ def pack_groups(
                 t["pred_pos"][r, sl] = torch.arange(at - 1, at + n - 1)
                 t["pred_pos"][r, at] = last_prompt
                 t["behaviour_logprobs"][r, sl] = torch.tensor(
-                    grp.behaviour_logprobs[j][:n], dtype=torch.float32
+                    completion.logprobs[:n], dtype=torch.float32
                 )
                 t["advantages"][r, sl] = float(grp.advantages[j])
                 t["loss_weights"][r, sl] = float(grp.loss_weights[j])
@@ -238,8 +234,8 @@ def _validated_completions(
     """Per group, (completion index, length to pack) for its non-empty completions."""
     out = []
     for g, grp in enumerate(groups):
-        G = len(grp.completion_ids)
-        for name in ("behaviour_logprobs", "advantages", "loss_weights"):
+        G = grp.group_size
+        for name in ("advantages", "loss_weights"):
             if len(getattr(grp, name)) != G:
                 raise ValueError(
                     f"group {g}: {name} has {len(getattr(grp, name))} entries but there are "
@@ -254,13 +250,13 @@ def _validated_completions(
                 f"prompt and at least one completion token: raise row_len above {P}"
             )
         comps = []
-        for j, ids in enumerate(grp.completion_ids):
-            if len(grp.behaviour_logprobs[j]) != len(ids):
+        for j, completion in enumerate(grp.completions):
+            n = len(completion.token_ids)
+            if len(completion.logprobs) != n:
                 raise ValueError(
-                    f"group {g}, completion {j}: {len(ids)} tokens but "
-                    f"{len(grp.behaviour_logprobs[j])} behaviour_logprobs; give one per token"
+                    f"group {g}, completion {j}: {n} tokens but {len(completion.logprobs)} "
+                    "behaviour logprobs; give one per token"
                 )
-            n = len(ids)
             if P + n > row_len:
                 if not truncate:
                     raise ValueError(

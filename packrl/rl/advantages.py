@@ -3,7 +3,16 @@
 Rewards come as a [P, G] tensor: P prompts, G completions sampled for each prompt.
 """
 
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from packrl.rollout.group import GroupRollout
 
 
 def _check_rewards(rewards: Tensor) -> None:
@@ -43,3 +52,29 @@ def uniform_groups(rewards: Tensor) -> Tensor:
     """
     _check_rewards(rewards)
     return (rewards == rewards[:, :1]).all(dim=1)
+
+
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def assign_advantages(groups: Sequence[GroupRollout], scale_rewards: str = "group") -> None:
+    """Set each group's ``advantages`` from its rewards: r - mean(group), divided by
+
+    - "group": the group's std (GRPO, DeepSeekMath: Shao et al. 2024);
+    - "batch": the std of all the step's rewards (TRL's ``scale_rewards="batch"``, as in
+      "A Practical Two-Stage Recipe for Mathematical LLMs", Liu et al. 2025);
+    - "none": nothing (Dr. GRPO: Liu et al. 2025, "Understanding R1-Zero-Like Training").
+
+    Stds are population stds, plus eps = 1e-4 (see ``group_advantages``). All groups must
+    have the same size.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards must be one of {SCALE_REWARDS}, got {scale_rewards!r}")
+    if not groups:
+        return
+    rewards = torch.tensor([g.reward for g in groups], dtype=torch.float32)  # [P, G]
+    advantages = group_advantages(rewards, scale_by_std=scale_rewards == "group")
+    if scale_rewards == "batch":
+        advantages = advantages / (rewards.std(unbiased=False) + 1e-4)
+    for g, a in zip(groups, advantages.tolist(), strict=True):
+        g.advantages = a

@@ -17,11 +17,18 @@ class Completion:
         distribution before any top-p / top-k truncation (no renormalisation); under greedy
         decoding (temperature 0) it is softmax(logits). Same length as token_ids.
     finished: True if a stop token ended it, False if it was cut at max_new_tokens.
+    text: the decoded completion, filled in when it is scored ("" until then).
     """
 
     token_ids: list[int]
     logprobs: list[float]
     finished: bool
+    text: str = ""
+
+    @property
+    def finish_reason(self) -> str:
+        """"stop" (a stop token ended it) or "length" (cut at max_new_tokens), as in vLLM."""
+        return "stop" if self.finished else "length"
 
 
 def check_generate_args(
@@ -71,6 +78,10 @@ def prompt_seeds(seed: int | Sequence[int] | None, num_prompts: int) -> list[str
 
 class Sampler(Protocol):
     """The interface the GRPO recipe uses; every engine implements it."""
+
+    # Whether the behaviour logprobs it returns equal the trainer's (to about 1e-5 in fp32):
+    # then the loss needs no rollout correction (GRPOLoss's rollout_correction: auto).
+    logprobs_match_trainer: bool
 
     def generate(
         self,

@@ -123,6 +123,10 @@ class VLLMSampler:
             vLLM has no sleep mode.
     """
 
+    # vLLM's kernels (and bf16/FP8 weights) give logprobs that drift from the trainer's:
+    # GRPOLoss's rollout_correction "auto" turns on for it.
+    logprobs_match_trainer = False
+
     def __init__(
         self,
         policy: nn.Module,

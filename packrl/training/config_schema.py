@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -43,22 +45,51 @@ class Component:
     recipe_kwargs: tuple[str, ...] = ()
     recipe_defaults: tuple[str, ...] = ()
     required: bool = True
+    default: Mapping[str, Any] | None = None  # the section used when the config has none
 
 
 @dataclass(frozen=True)
 class Value:
-    """A plain value: `types` are the accepted Python types (after interpolation)."""
+    """A plain value: `types` are the accepted Python types (after interpolation).
+
+    `default` fills a missing optional key (the one place defaults live); `ge`, `gt`, `le`
+    and `lt` bound a number; `hint` says how to fix a bad value.
+    """
 
     types: tuple[type, ...]
     required: bool = False
     choices: tuple[Any, ...] | None = None
+    default: Any = None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    hint: str = ""
 
     def describe(self) -> str:
         names = [_TYPE_NAMES.get(t, t.__name__) for t in self.types]
         return " or ".join(names) + (f" (one of {list(self.choices)})" if self.choices else "")
 
+    def range_error(self, value: Any) -> str | None:
+        """What is wrong with a well-typed number's range, or None."""
+        if not isinstance(value, NUM) or isinstance(value, bool):
+            return None
+        bounds = [
+            (self.ge, ">=", lambda b: value >= b),
+            (self.gt, ">", lambda b: value > b),
+            (self.le, "<=", lambda b: value <= b),
+            (self.lt, "<", lambda b: value < b),
+        ]
+        failed = [f"{op} {b:g}" for b, op, ok in bounds if b is not None and not ok(b)]
+        if not failed:
+            return None
+        allowed = " and ".join(f"{op} {b:g}" for b, op, _ in bounds if b is not None)
+        return f"must be {allowed}, got {value!r}" + (f" ({self.hint})" if self.hint else "")
 
-_TYPE_NAMES = {type(None): "null", int: "int", float: "float", str: "str", bool: "bool"}
+
+_TYPE_NAMES = {
+    type(None): "null", int: "int", float: "float", str: "str", bool: "bool", list: "list"
+}  # fmt: skip
 NUM = (int, float)
 OPT = (type(None),)
 
@@ -67,63 +98,82 @@ Schema = Mapping[str, Any]
 
 GRPO_SCHEMA: Schema = {
     "output_dir": Value((str,), required=True),
-    "model_dir": Value((str,)),
-    "seed": Value((int,), required=True),
+    "model_dir": Value((str,) + OPT),
+    "seed": Value((int,) + OPT, required=True),
     "device": Value((str,), required=True),
     "dtype": Value((str,), required=True, choices=("fp32", "bf16")),
-    "max_steps": Value((int,), required=True),
+    "max_steps": Value((int,), required=True, ge=1),
     "model": Component(),
     "tokenizer": Component(),
     "checkpointer": Component(),
-    "resume_from_checkpoint": Value((bool,)),
-    "save_every_n_steps": Value((int,) + OPT),
-    "keep_last_checkpoints": Value((int,) + OPT),
+    "resume_from_checkpoint": Value((bool,), default=False),
+    "save_every_n_steps": Value((int,) + OPT, ge=1, hint="null saves only at the end"),
+    "keep_last_checkpoints": Value((int,) + OPT, ge=1, hint="null keeps every checkpoint"),
     "task": Component(),
     "rewards": Component(recipe_defaults=("reward_funcs", "weights")),
     "sampler": Component(recipe_args=1, recipe_kwargs=("stop_token_ids", "pad_id")),
+    "loss": Component(required=False, default={"_component_": "packrl.rl.loss.GRPOLoss"}),
     "optimizer": Component(recipe_args=1),
     "lr_scheduler": Component(recipe_args=1, recipe_kwargs=("num_training_steps",), required=False),
     "metric_logger": Component(),
     "grpo": {
-        "prompts_per_step": Value((int,), required=True),
-        "group_size": Value((int,), required=True),
-        "max_new_tokens": Value((int,), required=True),
-        "temperature": Value(NUM),
-        "top_p": Value(NUM),
-        "top_k": Value((int,) + OPT),
-        "scale_advantages_by_std": Value((bool,)),
-        "drop_uniform_groups": Value((bool,)),
-        "num_passes": Value((int,)),
-        "epsilon_low": Value(NUM),
-        "epsilon_high": Value(NUM),
-        "beta": Value(NUM),
-        "loss_type": Value((str,), choices=("grpo", "dapo", "dr_grpo")),
-        "reference_on_cpu": Value((bool,)),
+        "prompts_per_step": Value((int,), required=True, ge=1),
+        "group_size": Value(
+            (int,), required=True, ge=2, hint="advantages are relative to the group's other samples"
+        ),
+        "max_new_tokens": Value((int,), required=True, ge=1),
+        "temperature": Value(
+            NUM, default=1.0, gt=0, hint="training samples; greedy decoding has no exploration"
+        ),
+        "top_p": Value(NUM, default=1.0, gt=0, le=1),
+        "top_k": Value((int,) + OPT, ge=1, hint="null turns top-k off"),
+        "scale_rewards": Value((str,), default="group", choices=("group", "batch", "none")),
+        "drop_uniform_groups": Value((bool,), default=False),
+        "dynamic_sampling": Value((bool,), default=False),
+        "max_sampling_rounds": Value((int,), default=3, ge=1),
+        "num_passes": Value((int,), default=1, ge=1),
+        "reference_on_cpu": Value((bool,), default=False),
     },
     "packing": {
-        "row_len": Value((int,), required=True),
-        "tokens_per_micro_batch": Value((int,)),
-        "truncate": Value((bool,)),
-        "logprob_chunk_size": Value((int,)),
+        "row_len": Value((int,), required=True, ge=2),
+        "tokens_per_micro_batch": Value((int,) + OPT, ge=1, hint="null: one row per micro-batch"),
+        "truncate": Value((bool,), default=False),
+        "long_prompts": Value((str,), default="error", choices=("error", "skip")),
+        "logprob_chunk_size": Value((int,), default=1024, ge=1),
     },
-    "clip_grad_norm": Value(NUM + OPT),
-    "enable_activation_checkpointing": Value((bool,)),
-    "enable_activation_offloading": Value((bool,)),
+    "clip_grad_norm": Value(NUM + OPT, gt=0, hint="null turns clipping off"),
+    "enable_activation_checkpointing": Value((bool,), default=False),
+    "enable_activation_offloading": Value((bool,), default=False),
     "eval": {
-        "every_n_steps": Value((int,) + OPT),
-        "at_start": Value((bool,)),
-        "num_rows": Value((int,) + OPT),
-        "max_new_tokens": Value((int,) + OPT),
-        "num_samples": Value((int,)),
-        "temperature": Value(NUM),
+        "every_n_steps": Value((int,) + OPT, ge=1, hint="null evaluates only at the start/end"),
+        "at_start": Value((bool,), default=False),
+        "num_rows": Value((int,) + OPT, ge=1, hint="null evaluates every held-out row"),
+        "max_new_tokens": Value((int,) + OPT, ge=1, hint="null uses grpo.max_new_tokens"),
+        "num_samples": Value((int,), default=1, ge=1),
+        "temperature": Value(NUM, default=0.0, ge=0, hint="0 is greedy"),
     },
-    "log_num_completions": Value((int,)),
-    "plot": Value((bool,)),
+    "preemption_signals": Value((list,), default=["SIGTERM", "SIGUSR1"]),
+    "log_num_completions": Value((int,), default=4, ge=0),
+    "plot": Value((bool,), default=True),
 }
 
 
+def _relations(cfg: Mapping[str, Any]) -> list[str]:
+    """Checks that tie keys together (each key alone is already in range)."""
+    errors = []
+    grpo, packing = cfg.get("grpo", {}), cfg.get("packing", {})
+    new, row_len = grpo.get("max_new_tokens"), packing.get("row_len")
+    if isinstance(new, int) and isinstance(row_len, int) and new >= row_len:
+        errors.append(
+            f"'grpo.max_new_tokens' ({new}) must be below 'packing.row_len' ({row_len}): a row "
+            "holds a prompt and its completions; raise packing.row_len or lower max_new_tokens"
+        )
+    return errors
+
+
 def validate_config(cfg: DictConfig | Mapping[str, Any], schema: Schema = GRPO_SCHEMA) -> None:
-    """Raise `ConfigError` listing every unknown, missing, ill-typed or unbindable key."""
+    """Raise `ConfigError` listing every unknown, missing, ill-typed, out-of-range or
+    unbindable key, and every broken relation between keys."""
     if isinstance(cfg, DictConfig):
         try:
             data = OmegaConf.to_container(cfg, resolve=True)
@@ -133,6 +183,8 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], schema: Schema = GRPO_S
         data = dict(cfg)
     errors: list[str] = []
     _check_section(data, schema, "", errors)
+    if schema is GRPO_SCHEMA and not errors:
+        errors += _relations(data)
     if errors:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(errors))
 
@@ -166,6 +218,8 @@ def _check_value(value: Any, spec: Any, path: str, errors: list[str]) -> None:
             )
         elif spec.choices is not None and value not in spec.choices:
             errors.append(f"'{path}' must be one of {list(spec.choices)}, got {value!r}")
+        elif (problem := spec.range_error(value)) is not None:
+            errors.append(f"'{path}' {problem}")
     elif isinstance(spec, Component):
         if value is None and not spec.required:
             return
@@ -199,6 +253,12 @@ def _check_component(section: Mapping[str, Any], spec: Component, path: str, err
         sig = inspect.signature(target)
     except (TypeError, ValueError):  # some builtins have no signature: nothing to bind
         return
+    for k, v in kwargs.items():
+        param = sig.parameters.get(k)
+        types = _simple_types(target, param) if param is not None else None
+        if types is not None and not _is_instance(v, types):
+            names = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
+            errors.append(f"'{path}.{k}' must be {names}, got {type(v).__name__} {v!r}")
     args = [None] * spec.recipe_args
     recipe_kwargs = {k: None for k in spec.recipe_kwargs if k in sig.parameters}
     recipe_kwargs.update(
@@ -220,8 +280,53 @@ def _check_component(section: Mapping[str, Any], spec: Component, path: str, err
             errors.append(f"'{path}': arguments do not fit {dotted}{sig}: {e}")
 
 
+def _simple_types(target: Any, param: inspect.Parameter) -> tuple[type, ...] | None:
+    """The accepted types of a parameter annotated with int, float, str, bool or an optional
+    of one of them (float also accepts int); None for anything else (not checked)."""
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:  # unresolvable annotations: leave the check to the component
+        return None
+    hint = hints.get(param.name)
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if not args or not all(a in _SIMPLE for a in args):
+        return None
+    return tuple(t for a in args for t in _SIMPLE[a])
+
+
+_SIMPLE = {int: (int,), float: (int, float), str: (str,), bool: (bool,), type(None): (type(None),)}
+
+
+def _is_instance(value: Any, types: tuple[type, ...]) -> bool:
+    return isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+
+
 def _suggest(key: str, options: Mapping[str, Any], prefix: str) -> str:
     close = difflib.get_close_matches(key, [str(o) for o in options], n=1, cutoff=0.6)
     if close:
         return f"; did you mean '{prefix}{close[0]}'?"
     return f"; valid keys here: {sorted(str(o) for o in options)}"
+
+
+def with_defaults(cfg: DictConfig, schema: Schema = GRPO_SCHEMA) -> DictConfig:
+    """A copy of a validated `cfg` with every missing key that has a default filled in, so
+    the recipe reads each key plainly, and the defaults live only in the schema."""
+    out = cfg.copy()
+    _fill_defaults(out, schema)
+    return out
+
+
+def _fill_defaults(section: DictConfig, schema: Schema) -> None:
+    for key, spec in schema.items():
+        if isinstance(spec, Value):
+            if key not in section:
+                OmegaConf.update(section, key, spec.default, force_add=True)
+        elif isinstance(spec, Component):
+            if section.get(key) is None and spec.default is not None:
+                OmegaConf.update(section, key, dict(spec.default), force_add=True)
+            elif key not in section:
+                OmegaConf.update(section, key, None, force_add=True)
+        else:
+            if section.get(key) is None:
+                OmegaConf.update(section, key, {}, force_add=True)
+            _fill_defaults(section[key], spec)

@@ -14,9 +14,12 @@ import resource
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from packrl.rollout.group import GroupRollout
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -98,3 +101,31 @@ def plot_metrics(
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
     return out_png
+
+
+def rollout_metrics(groups: Sequence[GroupRollout]) -> dict[str, float]:
+    """Reward, accuracy and length statistics of scored groups (all their completions):
+    reward/mean and /std (population), per-function reward/<name>/mean, /std and /failures,
+    accuracy (mean; NaN without an accuracy function), completion_len/mean, /min, /max (tokens)
+    and truncated_frac (share cut at max_new_tokens)."""
+    completions = [c for g in groups for c in g.completions]
+    if not completions:
+        return {}
+    totals = [r for g in groups for r in g.reward]
+    out = {"reward/mean": mean_std(totals)[0], "reward/std": mean_std(totals)[1]}
+    for name in groups[0].rewards:
+        values = [r for g in groups for r in g.rewards[name]]
+        out[f"reward/{name}/mean"], out[f"reward/{name}/std"] = mean_std(values)
+    for name in groups[0].reward_failures:
+        out[f"reward/{name}/failures"] = float(sum(g.reward_failures[name] for g in groups))
+    out["accuracy"] = mean_std([a for g in groups for a in g.accuracy])[0]
+    lengths = [len(c.token_ids) for c in completions]
+    out.update(
+        {
+            "completion_len/mean": mean_std(lengths)[0],
+            "completion_len/min": float(min(lengths)),
+            "completion_len/max": float(max(lengths)),
+            "truncated_frac": sum(not c.finished for c in completions) / len(completions),
+        }
+    )
+    return out
