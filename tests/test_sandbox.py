@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from packrl.execution.cgroup import PREFIX, parent_dirs, remove_stale
 from packrl.execution.sandbox import UID_BASE, Limits, isolation, run_python
 
 ISO = isolation()
@@ -279,6 +280,10 @@ def test_sandbox_dies_with_the_trainer():
     while sandbox_pids() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_pids() == [], "the sandbox outlived its trainer"
+    if ISO.cgroup:  # the dead trainer could not remove its run's groups; the next one does
+        leftovers = [d / f"{PREFIX}{trainer.pid}-1" for d in parent_dirs().values()]
+        remove_stale()
+        assert not any(d.exists() for d in leftovers)
 
 
 # The case: memory_mb=64 and max_processes=8 let seven forked children hold 40 MiB
