@@ -33,12 +33,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchtune import config, modules, training, utils
 from torchtune.modules.peft import DoRALinear, get_adapter_params, set_trainable_params
 from tqdm.auto import tqdm
 
-from packrl.checkpointing import load_checkpoint, save_checkpoint
+from packrl.checkpointing import (
+    CheckpointError,
+    ConfigChangeError,
+    OutputDirError,
+    RunLock,
+    claim_output_dir,
+    config_changes,
+    load_checkpoint,
+    save_checkpoint,
+    saved_config,
+)
 from packrl.models.weights import load_base_weights
 from packrl.packed.attention import packed_block_mask, use_packed_attention
 from packrl.packed.logprobs import packed_logprobs
@@ -123,6 +133,8 @@ class GRPORecipe:
             top_k=None,
         )
         self.save_every, self.keep_last = cfg.save_every_n_steps, cfg.keep_last_checkpoints
+        self.resume = cfg.resume_from_checkpoint
+        self.run_config = OmegaConf.to_container(cfg, resolve=True)  # saved with checkpoints
         self.log_num_completions, self.plot = cfg.log_num_completions, cfg.plot
         self.source_checkpoint_dir = cfg.checkpointer.checkpoint_dir
         self.model_type = cfg.checkpointer.get("model_type")
@@ -151,7 +163,7 @@ class GRPORecipe:
                 "number of ranks; set grpo.reference_on_cpu: false."
             )
         self.loss = _instantiate(cfg, "loss")  # cheap and checked first: its errors name keys
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.run_lock = self._claim_output_dir()
         self.tokenizer = _instantiate(cfg, "tokenizer")
         self.task = check_task_rows(
             _instantiate(cfg, "task"),
@@ -185,7 +197,7 @@ class GRPORecipe:
         self.lr_scheduler = _instantiate(
             cfg, "lr_scheduler", self.optimizer, num_training_steps=self.max_steps * self.num_passes
         )
-        if cfg.resume_from_checkpoint:
+        if self.resume:
             self._resume()
         self.activations_ctx = self._activation_offloading()
         if not self.is_rank_zero:
@@ -202,6 +214,31 @@ class GRPORecipe:
             f"{len(self.task.eval)} eval rows), reference: "
             f"{'none (beta = 0)' if self.reference is None else type(self.reference).__name__}"
         )
+
+    def _claim_output_dir(self) -> RunLock | None:
+        """Rank 0 locks `output_dir` (one live run per directory; a fresh run never mixes
+        with an old one) and, on resume, compares the config with the checkpoint's: changes
+        the saved optimizer/schedule state would silently override are errors unless listed
+        in `resume_allow_changed`, the others are logged. Every rank raises rank 0's error."""
+        lock, error = None, None
+        if self.is_rank_zero:
+            try:
+                lock = claim_output_dir(
+                    self.output_dir, resume=self.resume, overwrite=self.cfg.overwrite
+                )
+                saved = saved_config(self.output_dir / "checkpoints") if self.resume else None
+                if saved is not None:
+                    changes = config_changes(saved, self.run_config)
+                    if warning := changes.check(self.cfg.resume_allow_changed):
+                        log.warning(warning)
+            except (OutputDirError, ConfigChangeError, CheckpointError) as e:
+                if lock is not None:
+                    lock.release()
+                error = e
+        error = gather_objects(error)[0]
+        if error is not None:
+            raise error
+        return lock
 
     def _setup_model(self) -> tuple[torch.nn.Module, bool]:
         cfg = self.cfg
@@ -552,6 +589,7 @@ class GRPORecipe:
             lr_scheduler=self.lr_scheduler,
             data_state={"data_position": self.data_position},
             keep_last=self.keep_last,
+            config=self.run_config,
         )
         return self.last_checkpoint
 
@@ -576,6 +614,7 @@ class GRPORecipe:
             dist.destroy_process_group()
         if not self.is_rank_zero:
             return
+        self.run_lock.release()
         self.metric_logger.close()
         self.metrics_file.close()
         self.samples_file.close()
@@ -600,7 +639,10 @@ def _instantiate(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
     try:
         return config.instantiate(section, *args, **kwargs)
     except ValueError as e:
-        raise ConfigError(f"'{key}' ({section._component_}): {e}") from e
+        # Components name the argument first ("epsilon_low must be ..."): name the full key.
+        arg, _, rest = str(e).partition(" ")
+        where = f"'{key}.{arg}'" if arg in section else f"'{key}' ({section._component_}):"
+        raise ConfigError(f"{where} {rest if arg in section else e}") from e
 
 
 @functools.cache

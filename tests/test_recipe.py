@@ -155,6 +155,32 @@ def test_lora_run_writes_adapters(tmp_path):
     assert json.loads((step2 / "adapter_config.json").read_text())["r"] == 16
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["grpo.temperature=0"], "'grpo.temperature' must be > 0, got 0"),
+        (["device=cuda"], "torch sees no CUDA device"),
+        (["loss.epsilon_low=-0.1"], "'loss.epsilon_low' must be in [0, 1], got -0.1"),
+        ([], "already holds a run"),  # output_dir has a metrics.jsonl from an earlier run
+    ],
+)
+def test_start_up_errors_name_the_key_before_the_model_loads(tmp_path, overrides, message):
+    if not overrides:
+        (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    # A checkpointer pointing nowhere: reaching the model load would fail with another error.
+    proc = subprocess.run(
+        _cmd(FULL, tmp_path, *overrides, "checkpointer.checkpoint_dir=/nonexistent"),
+        cwd=ROOT,
+        env=tune_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "/nonexistent" not in proc.stderr.split("Traceback")[-1]
+
+
 def test_bad_config_key_is_a_named_error(tmp_path):
     proc = subprocess.run(
         _cmd(FULL, tmp_path, "grpo.group_sise=4"),
@@ -254,6 +280,7 @@ def test_tiny_resume_in_process_continues_exactly(tiny_model_dir, tmp_path):
     _step(a), _step(a)
     a.save_checkpoint()
     expected = _step(a)  # the uninterrupted step 3
+    a.run_lock.release()  # what the end of a's process would do
     b = _tiny_recipe(tiny_model_dir, tmp_path, resume_from_checkpoint=True)
     assert (b.step, b.data_position) == (2, 6)
     got = _step(b)

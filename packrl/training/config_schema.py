@@ -107,6 +107,8 @@ GRPO_SCHEMA: Schema = {
     "tokenizer": Component(),
     "checkpointer": Component(),
     "resume_from_checkpoint": Value((bool,), default=False),
+    "overwrite": Value((bool,), default=False, hint="true moves an old run in output_dir aside"),
+    "resume_allow_changed": Value((list,), default=[]),
     "save_every_n_steps": Value((int,) + OPT, ge=1, hint="null saves only at the end"),
     "keep_last_checkpoints": Value((int,) + OPT, ge=1, hint="null keeps every checkpoint"),
     "task": Component(),
