@@ -6,6 +6,7 @@ tiny test step really changes the weights, and resuming has something to get wro
 """
 
 
-def distinct_chars(completions: list[str], **kwargs) -> list[float]:
-    """Number of distinct characters in the completion, divided by 10."""
-    return [len(set(c)) / 10.0 for c in completions]
+def distinct_chars(completions: list, **kwargs) -> list[float]:
+    """Number of distinct characters in the completion, divided by 10. Completions come in
+    TRL's conversational form, as a reward written for TRL reads them."""
+    return [len(set(c[0]["content"])) / 10.0 for c in completions]

@@ -27,8 +27,10 @@ class GroupScorer:
     """Decodes and scores groups in place, calling reward functions in TRL's convention.
 
     Each reward function gets, for the N = sum of group sizes completions: ``prompts`` (each
-    completion's chat), ``completions`` (its text), ``completion_ids`` (its sampled token
-    ids), every other column of its task row, and ``trainer_state`` (``TrainerState``).
+    completion's chat), ``completions`` (for chat prompts TRL's conversational form
+    ``[{"role": "assistant", "content": text}]``, else the text), ``completion_ids`` (its
+    sampled token ids), every other column of its task row, and ``trainer_state``
+    (``TrainerState``), as TRL's GRPOTrainer passes them.
 
     Args:
         rewards: the reward functions and weights.
@@ -62,7 +64,10 @@ class GroupScorer:
         for _, c in samples:
             c.text = self.decode(c.token_ids)
         prompts = [g.row["messages"] for g, _ in samples]
-        completions = [c.text for _, c in samples]
+        completions = [  # TRL's conversational form for chat prompts
+            [{"role": "assistant", "content": c.text}] if isinstance(p, list) else c.text
+            for p, (_, c) in zip(prompts, samples, strict=True)
+        ]
         columns: dict[str, Any] = {
             key: [g.row[key] for g, _ in samples] for key in groups[0].row if key != "messages"
         }

@@ -1,11 +1,18 @@
 """The one task interface shared by every task and the GRPO recipe.
 
 A task is a set of prompt rows plus reward functions. Reward functions follow TRL's
-convention: they are called with keyword arguments ``prompts`` (one chat, i.e. a list of
-``{"role", "content"}`` messages, per completion), ``completions`` (the decoded completion
-text, one string per completion) and every other column of the rows, each as a list aligned
-with ``completions``. They return one float per completion (``None`` means "does not apply"
-and counts as 0). They must accept ``**kwargs`` so that new columns never break them.
+GRPOTrainer convention: they are called with keyword arguments
+
+- ``prompts``: one chat (a list of ``{"role", "content"}`` messages) per completion;
+- ``completions``: for chat prompts, TRL's conversational form, one
+  ``[{"role": "assistant", "content": text}]`` per completion (``completion_text`` gives the
+  text of either form);
+- ``completion_ids``: the sampled token ids of each completion (length rewards count these);
+- ``trainer_state``: ``packrl.rewards.TrainerState`` (``global_step``, ``max_steps``);
+- every other column of the rows, each as a list aligned with ``completions``.
+
+They return one float per completion (``None`` means "does not apply" and counts as 0). They
+must accept ``**kwargs`` so that new columns never break them.
 """
 
 from __future__ import annotations
@@ -16,6 +23,21 @@ from typing import Any
 
 RewardFn = Callable[..., list[float | None]]
 Row = dict[str, Any]
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a completion: a string, or TRL's ``[{"role": "assistant", "content": ...}]``.
+
+    Raises:
+        TypeError: anything else.
+    """
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(
+        f"completion must be a string or a list of messages, got {type(completion).__name__}"
+    )
 
 
 @dataclass

@@ -36,7 +36,7 @@ from typing import Any
 
 from packrl.execution.sandbox import Limits, run_python
 from packrl.execution.workers import default_num_workers
-from packrl.tasks.base import Row, Task
+from packrl.tasks.base import Row, Task, completion_text
 from packrl.tasks.data import check_column, load_task_rows, split_rows
 
 TEST_TIMEOUT_S = 5.0
@@ -135,7 +135,7 @@ def _score(
     entry_point = entry_point or [None] * n
 
     def one(i: int) -> float:
-        code = extract_code(completions[i], entry_point[i])
+        code = extract_code(completion_text(completions[i]), entry_point[i])
         if code is None or len(code) > MAX_CODE_CHARS or not tests[i]:
             return 0.0
         passed = run_tests(

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from packrl.execution.workers import shared_pool
-from packrl.tasks.base import Task
+from packrl.tasks.base import Task, completion_text
 from packrl.tasks.data import check_column, load_task_rows, split_rows
 from packrl.tasks.shaping import prompt_opens_think
 
@@ -97,17 +97,6 @@ _LIST_SEPARATOR = re.compile(
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
 # An "answer is" sentence ends at ". ", ";" or ", " + a word (not at "3.5" or "(1, 2)").
 _SENTENCE_END = re.compile(r"[.;]\s|;|,\s+(?=[A-Za-z]{2,})")
-
-
-def completion_text(completion: Any) -> str:
-    """The text of a completion: a string, or TRL's ``[{"role": "assistant", "content": ...}]``."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(
-        f"completion must be a string or a list of messages, got {type(completion).__name__}"
-    )
 
 
 def graded_text(completion: str, think_opened: bool = False) -> str | None:

@@ -24,6 +24,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from packrl.tasks.base import completion_text
+
 _TAGS = ("<think>", "</think>", "<answer>", "</answer>")
 _OPEN_THINK = re.compile(r"\s*<think>")
 _REST = re.compile(r"(.*?)</think>\s*<answer>(.*?)</answer>\s*", re.DOTALL)
@@ -79,7 +81,7 @@ def think_answer_format(
             opened = prompts is not None and prompt_opens_think(prompts[i])
         else:
             opened = think_in_prompt
-        out.append(float(format_ok(completion, opened)))
+        out.append(float(format_ok(completion_text(completion), opened)))
     return out
 
 
@@ -88,7 +90,7 @@ def _lengths(
 ) -> list[int]:
     if completion_ids is not None:
         return [len(ids) for ids in completion_ids]
-    return [len(c) for c in completions]
+    return [len(completion_text(c)) for c in completions]  # characters: no token ids given
 
 
 def soft_overlong_penalty(
