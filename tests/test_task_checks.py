@@ -12,13 +12,13 @@ def _row(text: str, answer: str = "1") -> dict:
     return {"messages": [{"role": "user", "content": text}], "answer": answer}
 
 
-def _task(train, eval_rows=(), validate_row=None) -> Task:
+def _task(train, eval_rows=(), validate_rows=None) -> Task:
     return Task(
         name="toy",
         train=list(train),
         eval=list(eval_rows),
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
-        validate_row=validate_row,
+        validate_rows=validate_rows,
     )
 
 
@@ -54,17 +54,18 @@ def test_eval_rows_are_not_held_to_row_len():
     assert check_task_rows(task, words, max_new_tokens=8, row_len=32, prompts_per_step=1) is task
 
 
-def test_validate_row_failures_are_collected():
-    def gold_parses(row):
-        return (
-            None if row["answer"] != "\\frac{" else f"gold answer {row['answer']!r} does not parse"
-        )
+def test_unparseable_gold_answers_are_found_at_start():
+    """math-verify cannot read `\frac{`: every sample of that row would score 0 silently."""
+    from packrl.tasks.math import gold_answers_parse
 
-    task = _task([_row("a", "1"), _row("b", "\\frac{")], [_row("c", "\\frac{")], gold_parses)
+    train = [_row("a", "1"), _row("b", "\\frac{"), _row("c", "\\frac{1}{2}")]
+    task = _task(train, [_row("d", "\\frac{"), _row("e", "x = 2")], gold_answers_parse)
     with pytest.raises(TaskDataError) as err:
         check_task_rows(task, words, max_new_tokens=8, row_len=32, prompts_per_step=1)
-    assert "train row 1: gold answer '\\\\frac{' does not parse" in str(err.value)
-    assert "eval row 0" in str(err.value)
+    msg = str(err.value)
+    assert "task 'toy', train row 1: gold answer '\\\\frac{' cannot be graded" in msg
+    assert "eval row 0" in msg and "train row 0" not in msg and "train row 2" not in msg
+    assert "eval row 1" not in msg
 
 
 def test_fewer_rows_than_prompts_per_step_warns(caplog):

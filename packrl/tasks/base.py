@@ -55,8 +55,8 @@ class Task:
             weighted sum.
         accuracy_func: the reward function whose mean is reported as accuracy and used
             for held-out evaluation (1.0 = fully correct). Usually also in reward_funcs.
-        validate_row: checks one row at start-up: None when it is usable, else why not
-            (e.g. a gold answer that does not parse). See ``packrl.tasks.checks``.
+        validate_rows: checks rows at start-up: for each row None when it is usable, else
+            why not (e.g. a gold answer that does not parse). See ``packrl.tasks.checks``.
     """
 
     name: str
@@ -65,7 +65,7 @@ class Task:
     reward_funcs: list[RewardFn]
     reward_weights: list[float] = field(default_factory=list)
     accuracy_func: RewardFn | None = None
-    validate_row: Callable[[Row], str | None] | None = None
+    validate_rows: Callable[[Sequence[Row]], list[str | None]] | None = None
 
     def __post_init__(self) -> None:
         if not self.reward_weights:

@@ -34,7 +34,7 @@ def check_task_rows(
       ``row_len`` cannot be packed: with ``long_prompts="error"`` a ``TaskDataError`` names the task, the
       split, the row, its length and the keys to change; with ``"skip"`` such rows are dropped
       with one warning that counts them.
-    - ``task.validate_row`` (when the task has one) must return None for every row; the
+    - ``task.validate_rows`` (when the task has one) must give None for every row; the
       first failures are raised together (e.g. a gold answer that does not parse).
     - Fewer training rows than ``prompts_per_step``: a warning that rows repeat in a step.
 
@@ -50,9 +50,11 @@ def check_task_rows(
     for split, rows in (("train", task.train), ("eval", task.eval)):
         kept[split] = []
         bar = tqdm(rows, desc=f"checking {split} rows", disable=len(rows) < 5000, leave=False)
+        if task.validate_rows is not None:
+            for i, why in enumerate(task.validate_rows(rows)):
+                if why is not None:
+                    problems.append(f"task {task.name!r}, {split} row {i}: {why}")
         for i, row in enumerate(bar):
-            if task.validate_row is not None and (why := task.validate_row(row)) is not None:
-                problems.append(f"task {task.name!r}, {split} row {i}: {why}")
             n = prompt_len(row) if split == "train" else 0  # eval rows are never packed
             if n <= limit:
                 kept[split].append(row)

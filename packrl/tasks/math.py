@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from packrl.execution.workers import shared_pool
-from packrl.tasks.base import Task, completion_text
+from packrl.tasks.base import Row, Task, completion_text
 from packrl.tasks.data import check_column, load_task_rows, split_rows
 from packrl.tasks.shaping import prompt_opens_think
 
@@ -273,10 +273,21 @@ def check_gold_answer(gold: str) -> str | None:
     Meant for start-up checks of a data set; runs in the shared worker pool, so it is safe
     from any thread. A check that passes ``DEADLINE_S`` reports that.
     """
-    (res,) = shared_pool().map(gold_problem, [(str(gold),)], timeout_s=DEADLINE_S)
-    if not res.ok:
-        return f"checking it failed ({res.error})"
-    return res.value
+    return check_gold_answers([gold])[0]
+
+
+def check_gold_answers(golds: Sequence[Any]) -> list[str | None]:
+    """``check_gold_answer`` for many answers at once (one pass over the worker pool)."""
+    results = shared_pool().map(gold_problem, [(str(g),) for g in golds], timeout_s=DEADLINE_S)
+    return [r.value if r.ok else f"checking it failed ({r.error})" for r in results]
+
+
+def gold_answers_parse(rows: Sequence[Row]) -> list[str | None]:
+    """A task's ``validate_rows``: why each row's ``answer`` cannot be graded, or None."""
+    return [
+        None if why is None else f"gold answer {str(r['answer'])!r} cannot be graded: {why}"
+        for r, why in zip(rows, check_gold_answers([r["answer"] for r in rows]), strict=True)
+    ]
 
 
 def verify_answer(gold: str, answer: str) -> float:
@@ -413,4 +424,5 @@ def math_task(
         reward_funcs=[math_accuracy],
         reward_weights=[1.0],
         accuracy_func=math_accuracy,
+        validate_rows=gold_answers_parse,
     )
