@@ -117,3 +117,36 @@ def completions_of(token_ids: list[list[int]], logprobs: list[list[float]]) -> l
     from packrl.rollout.base import Completion
 
     return [Completion(t, lp, finished=True) for t, lp in zip(token_ids, logprobs, strict=True)]
+
+
+def tiny_tune_config(path: Path, model_dir: Path, out: Path, **settings) -> Path:
+    """Write a `tune run` config for the CPU demo on the random 2-layer llama of
+    `tiny_model_dir` (2 prompts x 4 samples, 8 new tokens, 128-token rows, the test reward),
+    with `settings` (dotted keys) on top; returns `path`."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(ROOT / "tune_configs/smollm2_135m_arithmetic_full_cpu.yaml")
+    values = {
+        "model_dir": str(model_dir),
+        "output_dir": str(out),
+        "model": {"_component_": "torchtune.models.llama3_2.llama3_2", **TINY_ARCH},
+        "task.n_train": 40,
+        "task.n_eval": 2,
+        "grpo.prompts_per_step": 2,
+        "grpo.group_size": 4,
+        "grpo.max_new_tokens": 8,
+        "grpo.drop_uniform_groups": False,
+        "packing.row_len": 128,
+        "packing.tokens_per_micro_batch": 128,
+        "rewards.reward_funcs": ["recipe_test_rewards.distinct_chars"],
+        "eval.at_start": False,
+        "eval.every_n_steps": None,
+        "keep_last_checkpoints": None,
+        "enable_activation_checkpointing": False,
+        "plot": False,
+        **settings,
+    }
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    OmegaConf.save(cfg, path)
+    return path

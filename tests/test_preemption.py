@@ -10,45 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, TINY_ARCH, step_metrics, tune_env
-from omegaconf import OmegaConf
+from conftest import ROOT, step_metrics, tiny_tune_config, tune_env
 from safetensors.torch import load_file
 
 from packrl.training.preemption import PREEMPTED_EXIT_CODE
 
 TUNE = str(Path(sys.executable).parent / "tune")
-FULL = ROOT / "tune_configs/smollm2_135m_arithmetic_full_cpu.yaml"
 
 
 def _config(tmp: Path, model_dir: Path, out: Path, **settings) -> Path:
-    cfg = OmegaConf.load(FULL)
-    values = {
-        "model_dir": str(model_dir),
-        "output_dir": str(out),
-        "model": {"_component_": "torchtune.models.llama3_2.llama3_2", **TINY_ARCH},
-        "max_steps": 4,
-        "task.n_train": 40,
-        "task.n_eval": 2,
-        "grpo.prompts_per_step": 2,
-        "grpo.group_size": 4,
-        "grpo.max_new_tokens": 8,
-        "grpo.drop_uniform_groups": False,
-        "packing.row_len": 128,
-        "packing.tokens_per_micro_batch": 128,
-        "rewards.reward_funcs": ["recipe_test_rewards.distinct_chars"],
-        "eval.at_start": False,
-        "eval.every_n_steps": None,
-        "save_every_n_steps": None,  # only the preemption checkpoint and the final one
-        "keep_last_checkpoints": None,
-        "enable_activation_checkpointing": False,
-        "plot": False,
-        **settings,
-    }
-    for key, value in values.items():
-        OmegaConf.update(cfg, key, value, merge=False)
-    path = tmp / f"{out.name}.yaml"
-    OmegaConf.save(cfg, path)
-    return path
+    return tiny_tune_config(tmp / f"{out.name}.yaml", model_dir, out, max_steps=4,
+                            save_every_n_steps=None, **settings)  # fmt: skip
 
 
 def _run(config: Path, *extra: str, nproc: int = 1) -> subprocess.Popen:
