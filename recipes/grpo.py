@@ -50,7 +50,7 @@ from packrl.checkpointing import (
     saved_config,
 )
 from packrl.models.weights import load_base_weights
-from packrl.packed.attention import packed_block_mask, use_packed_attention
+from packrl.packed.attention import BLOCK_SIZE, packed_block_mask, use_packed_attention
 from packrl.packed.logprobs import packed_logprobs
 from packrl.packed.packing import PackedBatch, pack_groups
 from packrl.rewards import TrainerState
@@ -460,10 +460,12 @@ class GRPORecipe:
         drift_sum, drift_max = 0.0, 0.0
         grad_norm = float("nan")
         old_logprobs: dict[int, torch.Tensor] = {}  # per micro-batch, before the first step
+        computed = 0  # positions this rank's forward passes compute (trimmed rows)
         for pass_idx in range(self.num_passes):
             stats = None
             for i, rows in enumerate(plan):
-                mb = batch.select_rows(rows or filler_row).to(self.device)
+                mb = batch.select_rows(rows or filler_row).trimmed(BLOCK_SIZE).to(self.device)
+                computed += mb.tokens.numel() if pass_idx == 0 and rows else 0
                 loss_mask = mb.trained if rows else torch.zeros_like(mb.trained)
                 mask = packed_block_mask(mb.group_ids, mb.parent_ids)  # policy and reference
                 score = functools.partial(
@@ -504,8 +506,8 @@ class GRPORecipe:
             self.optimizer.zero_grad(set_to_none=True)
             if self.lr_scheduler is not None:
                 self.lr_scheduler.step()
-        tokens, entropy_sum, drift_sum = all_reduce(
-            [trained_tokens, entropy_sum, drift_sum], self.device
+        tokens, entropy_sum, drift_sum, computed = all_reduce(
+            [trained_tokens, entropy_sum, drift_sum, computed], self.device
         )
         (drift_max,) = all_reduce([drift_max], self.device, op="max")
         first_pass_tokens = max(tokens / self.num_passes, 1.0)
@@ -519,7 +521,9 @@ class GRPORecipe:
             "time/policy_s": t_policy,
             "tokens_per_s/training": tokens / max(t_policy, 1e-9),
             "packing/rows": float(batch.stats.rows),
-            "packing/positions": float(batch.stats.positions),
+            "packing/positions": computed,  # rows as computed: the last one trimmed
+            # prompt and completion tokens over computed positions (1.0: no padding at all)
+            "packing/fill": batch.stats.tokens / max(computed, 1.0),
             "packing/padded_positions": float(batch.stats.padded_positions),
             "packing/saved_fraction": batch.stats.saved_fraction,
         }

@@ -266,3 +266,20 @@ def test_smollm2_logprob_and_gradient_parity(smollm2_trainable, smollm2_tokenize
     unpacked = grads(model, reference_loss(groups, ref))
     for a, b in zip(packed, unpacked, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=SMOLLM2_GRAD_REL * float(b.abs().max()))
+
+
+def test_trimmed_rows_give_the_same_logprobs():
+    """A partly filled row cut to a multiple of the block size computes the same logprobs
+    (trailing padding is visible to no token)."""
+    model = tiny_model()
+    groups = random_groups(3, n_groups=2, max_prompt=20, max_completion=15)
+    batch = pack_groups(groups, row_len=512)
+    trimmed = batch.trimmed(128)
+    used = int((batch.group_ids != -1).sum(dim=1).max())
+    assert trimmed.row_len == -(-used // 128) * 128 < batch.row_len
+    with torch.no_grad():
+        full, _ = packed_logprobs(model, batch, temperature=0.7)
+        cut, _ = packed_logprobs(model, trimmed, temperature=0.7)
+    torch.testing.assert_close(cut, full[:, : trimmed.row_len], atol=1e-6, rtol=0)
+    assert (full[:, trimmed.row_len :] == 0).all()
+    assert batch.trimmed(512) is batch  # rounding up reaches row_len: nothing to cut

@@ -174,3 +174,14 @@ def test_packing_invariants(case):
     for i in range(b.num_rows):
         for k in range(i + 1, b.num_rows):
             assert load[i] + load[k] > row_len
+
+
+def test_trimmed_cuts_trailing_padding_to_a_block_multiple():
+    g = make_group([1, 2, 3], [[4, 5], [6]])  # 6 positions used
+    b = pack_groups([g], row_len=64)
+    t = b.trimmed(4)
+    assert t.row_len == 8 and t.tokens[0, :6].tolist() == [1, 2, 3, 4, 5, 6]
+    assert torch.equal(t.pred_pos, b.pred_pos[:, :8]) and t.stats == b.stats
+    assert b.trimmed(64) is b  # nothing to cut
+    with pytest.raises(ValueError, match="multiple must be >= 1"):
+        b.trimmed(0)

@@ -44,6 +44,7 @@ STEP_KEYS = [
     "tokens_per_s/generation",
     "tokens_per_s/training",
     "packing/saved_fraction",
+    "packing/fill",
     "time/generation_s",
     "time/training_s",
     "time/reference_s",

@@ -110,6 +110,25 @@ class PackedBatch:
         out.stats = _compute_stats(out)
         return out
 
+    def trimmed(self, multiple: int) -> PackedBatch:
+        """The batch cut after its last non-padding position, rounded up to a multiple of
+        ``multiple`` (the attention block size), so a partly filled row does not compute a
+        whole ``row_len``. Exact: trailing padding is visible to no token. Stats unchanged.
+
+        Raises:
+            ValueError: ``multiple`` < 1.
+        """
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
+        used = (self.group_ids != PAD_GROUP).any(dim=0).nonzero()
+        end = int(used[-1]) + 1 if used.numel() else 1
+        end = min(self.row_len, -(-end // multiple) * multiple)
+        if end == self.row_len:
+            return self
+        out = self._map_tensors(lambda t: t[:, :end])
+        out.stats = self.stats
+        return out
+
     def to(self, device: torch.device | str) -> PackedBatch:
         return self._map_tensors(lambda t: t.to(device))
 
