@@ -381,6 +381,20 @@ def test_grpo_recipe_eval_equals_eval_recipe_on_its_checkpoint(tiny_model_dir, t
         temperature=1.0,
     )
     direct = eval_metrics(groups)
+    one_by_one = evaluate_prompts(
+        grpo.sampler,
+        grpo.scorer,
+        rows,
+        grpo.prompt_ids(rows),
+        seed=grpo.seed,
+        num_samples=2,
+        max_new_tokens=8,
+        temperature=1.0,
+        prompts_per_chunk=1,
+    )
+    assert [c.token_ids for g in one_by_one for c in g.completions] == [
+        c.token_ids for g in groups for c in g.completions
+    ]  # chunking changes no sample
     if getattr(grpo, "run_lock", None) is not None:
         grpo.run_lock.release()
 
