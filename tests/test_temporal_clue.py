@@ -32,7 +32,9 @@ from packrl.tasks.temporal_clue.files import dumps_record
 
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLES = ROOT / "puzzles"
-SPLITS = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
+SPLITS = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl",
+          "large_train": "large_train.jsonl", "large_validation": "large_validation.jsonl",
+          "large_test": "large_test.jsonl"}  # fmt: skip
 
 
 # --- generator -----------------------------------------------------------------------------
@@ -210,8 +212,12 @@ def test_shipped_sets_sizes_difficulties_and_disjointness(shipped):
     assert len(shipped["validation"]) == len(shipped["test"]) == 64
     assert 100 <= len(shipped["train"]) <= 1000
     for split, recs in shipped.items():
-        assert {r["players"] for r in recs} == {1, 2, 3, 4, 5, 6}, split
+        levels = {7, 8, 9, 10} if split.startswith("large") else {1, 2, 3, 4, 5, 6}
+        assert {r["players"] for r in recs} == levels, split
         assert all(r["generator_version"] == GENERATOR_VERSION for r in recs), split
+        assert all(r["schema_version"] == SCHEMA_VERSION for r in recs), split
+    keys = [(r["difficulty"]["conflicts"], r["difficulty"]["clues"]) for r in shipped["large_train"]]  # fmt: skip
+    assert keys == sorted(keys)  # written in curriculum order
     for key in ("id", "prompt"):
         seen = {}
         for split, recs in shipped.items():
@@ -225,6 +231,14 @@ def test_shipped_clues_are_true_of_their_scenarios(shipped):
         for r in recs:
             world = World.from_dict(r["scenario"])
             assert all(holds(c, world) for c in r["clues"]), r["id"]
+
+
+def test_version_1_sets_are_kept_under_their_version(shipped):
+    """The sets shipped before generator 2 keep their meaning under puzzles/v1/."""
+    for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
+        old = read_puzzles(PUZZLES / "v1" / name)
+        assert {r["generator_version"] for r in old} == {"packrl-temporal-clue/1"}
+        assert {r["players"] for r in old} == {1, 2, 3, 4, 5, 6}
 
 
 def test_shipped_puzzles_regenerate_from_their_seeds(shipped):

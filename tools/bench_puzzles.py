@@ -1,13 +1,16 @@
 """Benchmark Temporal Clue generation: seconds per puzzle on one core, for each difficulty.
 
-    python tools/bench_puzzles.py --n 10 --json bench_puzzles.json
+    python tools/bench_puzzles.py --players 1-10 --n 10 --json bench_puzzles.json
     python tools/bench_puzzles.py --n 5 --compare-defaults   # A/B against CP-SAT defaults
+    python tools/bench_puzzles.py --players 8 --n 3 --compare-probing  # A/B: probing+symmetry on
 
 Puzzles are generated one at a time in this process (CP-SAT with one worker), so each
 number is single-core. Both wall-clock and CPU seconds are reported: on a loaded machine the
 CPU seconds are the steadier figure. With --compare-defaults every seed is also generated
 with CP-SAT's default parameters (presolve and LP relaxation on) right after the tuned run,
-interleaved, so the ratio is measured under the same load.
+interleaved, so the ratio is measured under the same load. --compare-probing does the same
+with CP-SAT's probing and symmetry detection switched back on (the tuning before generator 2).
+Words are whitespace-separated words of the prompt.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ def cpsat_defaults(solver):
     return solver
 
 
+def probing_on(solver):
+    """Variant B: today's parameters with probing and symmetry detection left at defaults."""
+    TUNED(solver)
+    solver.parameters.ClearField("cp_model_probing_level")
+    solver.parameters.ClearField("symmetry_level")
+    return solver
+
+
 def summary(xs: list[float]) -> dict[str, float]:
     s = sorted(xs)
     p95 = s[max(0, math.ceil(0.95 * len(s)) - 1)]
@@ -53,11 +64,15 @@ def timed(seed: int, players: int) -> tuple[float, float, dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    ap.add_argument("--players", default="1-6", help="difficulties, e.g. 1-6 or 2,4 (default 1-6)")
+    ap.add_argument(
+        "--players", default="1-10", help="difficulties, e.g. 1-10 or 2,4 (default 1-10)"
+    )
     ap.add_argument("--n", type=int, default=10, help="puzzles per difficulty (default 10)")
     ap.add_argument("--seed", type=int, default=1000, help="first seed (default 1000)")
     ap.add_argument("--compare-defaults", action="store_true",
                     help="also time CP-SAT default parameters on the same seeds (A/B)")  # fmt: skip
+    ap.add_argument("--compare-probing", action="store_true",
+                    help="also time probing and symmetry detection switched on (A/B)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     lo, _, hi = args.players.partition("-")
@@ -65,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for p in sizes:
-        rows: dict[str, list] = {"wall": [], "cpu": [], "clues": [], "questions": [], "conflicts": [], "solves": [], "prompt_chars": [], "b_wall": [], "b_cpu": []}  # fmt: skip
+        rows: dict[str, list] = {"wall": [], "cpu": [], "clues": [], "questions": [], "conflicts": [], "solves": [], "prompt_chars": [], "words": [], "b_wall": [], "b_cpu": []}  # fmt: skip
         for i in range(args.n):
             seed = args.seed + i
             tc_model.solver_params = TUNED
@@ -77,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             rows["conflicts"].append(rec["difficulty"]["conflicts"])
             rows["solves"].append(rec["generation"]["solves"])
             rows["prompt_chars"].append(len(rec["prompt"]))
-            if args.compare_defaults:
-                tc_model.solver_params = cpsat_defaults
+            rows["words"].append(len(rec["prompt"].split()))
+            if args.compare_defaults or args.compare_probing:
+                tc_model.solver_params = cpsat_defaults if args.compare_defaults else probing_on
                 wall, cpu, _ = timed(seed, p)
                 rows["b_wall"].append(wall)
                 rows["b_cpu"].append(cpu)
@@ -96,9 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             "search_conflicts_median": statistics.median(rows["conflicts"]),
             "solver_calls_median": statistics.median(rows["solves"]),
             "prompt_chars_median": statistics.median(rows["prompt_chars"]),
+            "words": {"median": statistics.median(rows["words"]), "max": max(rows["words"])},
         }
-        if args.compare_defaults:
-            res["cpsat_defaults"] = {
+        if args.compare_defaults or args.compare_probing:
+            res["variant_b" if args.compare_probing else "cpsat_defaults"] = {
                 "wall_s": summary(rows["b_wall"]),
                 "cpu_s": summary(rows["b_cpu"]),
             }

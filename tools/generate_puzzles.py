@@ -129,13 +129,14 @@ def main(argv: list[str] | None = None) -> None:
         else:
             pool = mp.get_context("spawn").Pool(args.workers)
             lines = pool.imap(_one, jobs)  # in order, so output does not depend on timing
-        done = []
+        held = []  # curriculum order needs every record before writing
         for line in lines:
-            done.append(line)
+            if args.order == "curriculum":
+                held.append(line)
+            else:
+                f.write(line + "\n")
             bar.update()
-        if args.order == "curriculum":
-            done.sort(key=curriculum_key)
-        f.writelines(line + "\n" for line in done)
+        f.writelines(line + "\n" for line in sorted(held, key=curriculum_key))
         if args.workers > 1:
             pool.close()
             pool.join()

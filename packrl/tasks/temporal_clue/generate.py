@@ -44,6 +44,12 @@ NAMING_ROUNDS = 3  # tries to make every asked answer named before drawing a new
 # names can swap places with another unnamed one of its kind, so unique answers force every
 # non-answer to be named, and a never-named entity *is* the answer (docs/temporal_clue.md).
 NAMED_ANSWER_KINDS = ("who", "weapon", "why", "suspect_motive", "motive_suspect")
+# Among clues that rule out a counterexample, one naming k answers is drawn with relative
+# weight ANSWER_NAME_WEIGHT**k: otherwise answers end up the most-named entities of their
+# kind (selection chases the answers), an answer shortcut (tools/audit_puzzles.py). Time
+# answers are left out: times are named by most clues anyway, and penalising the murder
+# time made it the least-named time instead.
+ANSWER_NAME_WEIGHT = 0.5
 
 
 def _draw_pool(rng: random.Random, w: World, mix: dict[str, float], questions: list[Question],
@@ -60,9 +66,21 @@ def _draw_pool(rng: random.Random, w: World, mix: dict[str, float], questions: l
     return out
 
 
-def must_name(questions: list[Question]) -> set[str]:
-    """Answers that some clue has to name, so that absence of a name tells nothing."""
-    return {q["answer"] for q in questions if q["kind"] in NAMED_ANSWER_KINDS}
+def must_name(w: World, questions: list[Question]) -> set[str]:
+    """Entities some clue has to name, so that which names are absent tells nothing.
+
+    Every suspect, weapon or motive, for each of these kinds that holds an asked answer
+    (naming only the answer would make "any named one" a shortcut where others go unnamed).
+    """
+    kinds = {q["kind"] for q in questions if q["kind"] in NAMED_ANSWER_KINDS}
+    out: set[str] = set()
+    if kinds & {"who", "motive_suspect"}:
+        out |= set(w.suspects)
+    if "weapon" in kinds:
+        out |= set(w.weapons)
+    if kinds & {"why", "suspect_motive"}:
+        out |= set(w.motives)
+    return out
 
 
 def _naming_clue(rng: random.Random, w: World, mix: dict[str, float], questions: list[Question],
@@ -80,6 +98,7 @@ def _naming_clue(rng: random.Random, w: World, mix: dict[str, float], questions:
 def _minimize(model: PuzzleModel, chosen: list[tuple[Clue, Any]], protected: list[Clue],
               rng: random.Random) -> tuple[list[tuple[Clue, Any]], int]:  # fmt: skip
     """Drop every clue whose removal keeps the answers unique; protected clues are tried last.
+
 
     Returns the kept (clue, literal) pairs and the number of solves. After a successful
     removal the set shrinks to the solver's unsat core, except that protected clues not yet
@@ -119,7 +138,8 @@ def select_clues(w: World, questions: list[Question], cfg: PuzzleConfig,
     chosen: list[tuple[Clue, Any]] = []  # (clue, enforcement literal)
     protected: list[Clue] = []
     solves = 0
-    required = must_name(questions)
+    required = must_name(w, questions)
+    answers = {q["answer"] for q in questions if q["kind"] != "time"}  # see ANSWER_NAME_WEIGHT
 
     def protect_missing(clues: list[Clue]) -> bool:
         named = set().union(*(names_in(c) for c in clues)) if clues else set()
@@ -148,7 +168,9 @@ def select_clues(w: World, questions: list[Question], cfg: PuzzleConfig,
             return None  # no clue family tells this counterexample apart
         samplers = sorted({s for s, _ in killers})
         sampler = rng.choices(samplers, weights=[mix[s] for s in samplers])[0]
-        pick = rng.choice([x for x in killers if x[0] == sampler])
+        same = [x for x in killers if x[0] == sampler]
+        weights = [ANSWER_NAME_WEIGHT ** len(names_in(c) & answers) for _, c in same]
+        pick = rng.choices(same, weights=weights)[0]
         pool.remove(pick)
         chosen.append((pick[1], model.add_clue(pick[1])))
         if len(chosen) > MAX_CLUES:
