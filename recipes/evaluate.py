@@ -102,6 +102,13 @@ class EvalRecipe:
                 f"task {self.task.name!r} has no {cfg.split} rows; set split: train, or give "
                 "the task an eval split (e.g. its eval_path or n_eval)"
             )
+        if self.task.validate_row is not None:  # e.g. a gold answer that does not parse
+            bad = [(i, why) for i, r in enumerate(self.rows) if (why := self.task.validate_row(r))]
+            if bad:
+                raise ConfigError(
+                    f"task {self.task.name!r} ({cfg.task._component_}): {len(bad)} bad "
+                    f"{cfg.split} rows, e.g. row {bad[0][0]}: {bad[0][1]}"
+                )
         self.prompt_ids = [
             self.tokenizer.tokenize_messages(r["messages"], add_generation_prompt=True)
             for r in self.rows
@@ -269,7 +276,7 @@ def _instantiate_task(cfg: DictConfig) -> Any:
         paths = [
             f"task.{k}={v}"
             for k, v in section.items()
-            if isinstance(v, str) and k != "_component_" and Path(v).name and Path(v).name in str(e)
+            if k != "_component_" and isinstance(v, str) and "/" in v and Path(v).name in str(e)
         ]
         where = ", ".join(paths) or f"task ({section._component_})"
         raise ConfigError(f"{where}: {e}") from e
