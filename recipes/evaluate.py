@@ -276,7 +276,10 @@ def _instantiate_task(cfg: DictConfig) -> Any:
         paths = [
             f"task.{k}={v}"
             for k, v in section.items()
-            if k != "_component_" and isinstance(v, str) and "/" in v and Path(v).name in str(e)
+            if k != "_component_"
+            and isinstance(v, str)
+            and ("/" in v or Path(v).suffix)
+            and Path(v).name in str(e)
         ]
         where = ", ".join(paths) or f"task ({section._component_})"
         raise ConfigError(f"{where}: {e}") from e
