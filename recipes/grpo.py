@@ -62,6 +62,7 @@ from packrl.rollout.group import GroupRollout
 from packrl.tasks.checks import check_task_rows
 from packrl.training.config_schema import ConfigError, validate_config, with_defaults
 from packrl.training.distributed import all_reduce, full_tensor, gather_objects, world
+from packrl.training.memory import activation_bytes, default_activation_budget
 from packrl.training.metrics import (
     JsonlWriter,
     peak_memory,
@@ -268,12 +269,35 @@ class GRPORecipe:
         is_lora = len(adapter_params) > 0
         if is_lora:
             set_trainable_params(model, adapter_params)
-        if cfg.enable_activation_checkpointing:
+        if self._activation_checkpointing(model):
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
         use_packed_attention(model)
         return model, is_lora
+
+    def _activation_checkpointing(self, model: torch.nn.Module) -> bool:
+        """`enable_activation_checkpointing`: true, false, or "auto": on only when the
+        estimated activations of one micro-batch exceed `activation_memory_budget_gb`
+        (default: see `packrl.training.memory.default_activation_budget`)."""
+        setting = self.cfg.enable_activation_checkpointing
+        if setting != "auto":
+            return setting
+        tokens = self.rows_per_micro_batch * self.row_len
+        need = activation_bytes(model, tokens, self.dtype)
+        budget_gb = self.cfg.activation_memory_budget_gb
+        trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+        budget = (
+            int(budget_gb * 2**30)
+            if budget_gb is not None
+            else default_activation_budget(self.device, trainable)
+        )
+        log.info(
+            f"activation checkpointing: {'on' if need > budget else 'off'} (auto: a "
+            f"{tokens}-token micro-batch needs about {need / 2**30:.2f} GiB of activations, "
+            f"the budget is {budget / 2**30:.2f} GiB)"
+        )
+        return need > budget
 
     def _shard(self, model: torch.nn.Module) -> None:
         """FSDP2: shard each transformer layer, then the rest (embeddings, norm, output)."""

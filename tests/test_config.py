@@ -8,7 +8,10 @@ from omegaconf import OmegaConf
 from packrl.training.config_schema import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "tune_configs").glob("*.yaml"))
+CONFIGS = sorted(
+    p for p in (ROOT / "tune_configs").glob("*.yaml") if not p.name.startswith("eval_")
+)
+EVAL_CONFIGS = sorted((ROOT / "tune_configs").glob("eval_*.yaml"))
 
 
 def _cpu_config():
@@ -28,6 +31,13 @@ def test_configs_exist():
 def test_shipped_config_is_valid(path):
     """Every key known and typed, every component importable with bindable arguments."""
     validate_config(OmegaConf.load(path))
+
+
+@pytest.mark.parametrize("path", EVAL_CONFIGS, ids=lambda p: p.name)
+def test_shipped_eval_config_is_valid(path):
+    from packrl.evaluation.config import EVAL_SCHEMA
+
+    validate_config(OmegaConf.load(path), EVAL_SCHEMA)
 
 
 def test_env_interpolation_and_cli_override(monkeypatch):

@@ -316,3 +316,24 @@ def test_tiny_lora_trains_adapters_only_and_evaluates(tiny_model_dir, tmp_path):
     assert metrics["loss/kl"] >= 0 and metrics["time/reference_s"] > 0
     result = recipe.evaluate()
     assert set(result) == {"eval/accuracy", "eval/reward"} and 0 <= result["eval/accuracy"] <= 1
+
+
+@pytest.mark.parametrize("budget_gb, wrapped", [(1e-4, True), (64.0, False)])
+def test_activation_checkpointing_auto_follows_the_budget(
+    tiny_model_dir, tmp_path, budget_gb, wrapped
+):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from packrl.training.memory import activation_bytes
+
+    recipe = _tiny_recipe(
+        tiny_model_dir,
+        tmp_path,
+        enable_activation_checkpointing="auto",
+        activation_memory_budget_gb=budget_gb,
+    )
+    # the tiny llama: (10 * 64 + 2 * 128) elements x 2 layers x 128 tokens x 4 bytes
+    assert activation_bytes(recipe.model, 128, torch.float32) == 896 * 2 * 128 * 4
+    has_wrappers = any(isinstance(m, CheckpointWrapper) for m in recipe.model.modules())
+    assert has_wrappers == wrapped
+    _step(recipe)  # trains either way

@@ -144,7 +144,12 @@ GRPO_SCHEMA: Schema = {
         "logprob_chunk_size": Value((int,), default=1024, ge=1),
     },
     "clip_grad_norm": Value(NUM + OPT, gt=0, hint="null turns clipping off"),
-    "enable_activation_checkpointing": Value((bool,), default=False),
+    "enable_activation_checkpointing": Value(
+        (bool, str), default=False, choices=(True, False, "auto")
+    ),
+    "activation_memory_budget_gb": Value(
+        NUM + OPT, gt=0, hint="null: free device memory (CUDA) or half the available RAM (CPU)"
+    ),
     "enable_activation_offloading": Value((bool,), default=False),
     "eval": {
         "every_n_steps": Value((int,) + OPT, ge=1, hint="null evaluates only at the start/end"),
