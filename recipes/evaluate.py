@@ -102,8 +102,8 @@ class EvalRecipe:
                 f"task {self.task.name!r} has no {cfg.split} rows; set split: train, or give "
                 "the task an eval split (e.g. its eval_path or n_eval)"
             )
-        if self.task.validate_row is not None:  # e.g. a gold answer that does not parse
-            bad = [(i, why) for i, r in enumerate(self.rows) if (why := self.task.validate_row(r))]
+        if self.task.validate_rows is not None:  # e.g. a gold answer that does not parse
+            bad = [(i, why) for i, why in enumerate(self.task.validate_rows(self.rows)) if why]
             if bad:
                 raise ConfigError(
                     f"task {self.task.name!r} ({cfg.task._component_}): {len(bad)} bad "
