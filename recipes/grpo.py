@@ -554,12 +554,14 @@ class GRPORecipe:
 
     # ------------------------------------------------------------------------------ eval
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, **sampling: Any) -> dict[str, float]:
         """Accuracy on the task's held-out rows at the `eval` section's sampling settings
-        (default: greedy). Fixed seeds: two evaluations of the same weights agree."""
+        (default: greedy), or with `sampling` (e.g. temperature, num_samples) overriding
+        them. Fixed seeds: two evaluations of the same weights agree."""
         rows = list(self.task.eval)[: self.eval_rows]
         if not rows:
             return {}
+        sampling = {**self.eval_sampling, **sampling}
         rollouts = collect_rollouts(
             self.sampler,
             self.scorer,
@@ -567,10 +569,10 @@ class GRPORecipe:
             self.prompt_ids(rows),
             [_prompt_seed(self.seed, -1, i) for i in range(len(rows))],
             TrainerState(global_step=self.step, max_steps=self.max_steps),
-            **self.eval_sampling,
+            **sampling,
         )
         metrics = rollout_metrics(rollouts.groups)
-        suffix = "" if self.eval_sampling["temperature"] == 0 else "_sampled"
+        suffix = "" if sampling["temperature"] == 0 else "_sampled"
         return {
             f"eval/accuracy{suffix}": metrics["accuracy"],
             f"eval/reward{suffix}": metrics["reward/mean"],

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     recipe = GRPORecipe(cfg)
     recipe.setup()
-    temp = recipe.temperature
+    temp = recipe.sampling["temperature"]
 
     def evaluate() -> dict:
         t = time.perf_counter()
@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
             "generation_per_step": gen_s,
             "training_per_step": train_s_steps,
         },
+        "packing_fill_median": statistics.median(
+            r["packing/fill"] for r in steps if "packing/fill" in r
+        )
+        if any("packing/fill" in r for r in steps)
+        else None,
         "train_loop_s_with_final_checkpoint": train_s,
         "per_step": [
             {
@@ -132,7 +137,10 @@ def main(argv: list[str] | None = None) -> dict:
                     "accuracy",
                     "groups_kept",
                     "completion_len/mean",
-                    "packing/saved_fraction",
+                    "packing/fill",
+                    "packing/positions",
+                    "time/generation_s",
+                    "time/training_s",
                     "loss/clip_frac_low",
                     "loss/clip_frac_high",
                     "entropy",
