@@ -113,19 +113,13 @@ class GRPORecipe:
         self.dynamic_sampling, self.max_sampling_rounds = g.dynamic_sampling, g.max_sampling_rounds
         self.num_passes, self.reference_on_cpu = g.num_passes, g.reference_on_cpu
         p = cfg.packing
-        self.row_len, self.truncate, self.logprob_chunk = (
-            p.row_len,
-            p.truncate,
-            p.logprob_chunk_size,
-        )
+        self.row_len, self.truncate = p.row_len, p.truncate
+        self.logprob_chunk = p.logprob_chunk_size
         self.rows_per_micro_batch = max(1, (p.tokens_per_micro_batch or p.row_len) // p.row_len)
         self.clip_grad_norm = cfg.clip_grad_norm
         e = cfg.eval
-        self.eval_every, self.eval_at_start, self.eval_rows = (
-            e.every_n_steps,
-            e.at_start,
-            e.num_rows,
-        )
+        self.eval_every, self.eval_at_start = e.every_n_steps, e.at_start
+        self.eval_rows = e.num_rows
         self.eval_sampling = dict(
             num_samples=e.num_samples,
             max_new_tokens=e.max_new_tokens or g.max_new_tokens,
