@@ -1,4 +1,10 @@
-"""NativeSampler against plain full-forward references on a tiny random Llama, and SmolLM2."""
+"""NativeSampler against plain full-forward references on a tiny random Llama, and SmolLM2.
+
+Most tests run the eager decode step (``Eager``: no compile time); the compiled step is
+checked against it token for token at the end of the file.
+"""
+
+import functools
 
 import pytest
 import torch
@@ -6,7 +12,9 @@ from torchtune.models.llama3_2._component_builders import llama3_2, lora_llama3_
 from torchtune.modules import TransformerSelfAttentionLayer
 from torchtune.training import set_activation_checkpointing
 
-from packrl.rollout import Completion, NativeSampler
+from packrl.rollout import Completion, NativeSampler, native
+
+Eager = functools.partial(NativeSampler, compile=False)
 
 VOCAB = 128
 PAD = 0
@@ -66,7 +74,7 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int, stop: set[in
 
 def test_logprobs_match_full_forward(tiny):
     # 4 prompts x 3 samples in chunks of 5: chunks split one prompt's samples across chunks.
-    sampler = NativeSampler(tiny, stop_token_ids=[1], pad_id=PAD, max_batch_size=5)
+    sampler = Eager(tiny, stop_token_ids=[1], pad_id=PAD, max_batch_size=5)
     out = sampler.generate(
         PROMPTS, num_samples=3, max_new_tokens=12, temperature=0.7, top_p=0.95, top_k=50, seed=3
     )
@@ -80,7 +88,7 @@ def test_logprobs_match_full_forward(tiny):
 
 
 def test_greedy_matches_uncached_reference(tiny):
-    sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
+    sampler = Eager(tiny, stop_token_ids=[], pad_id=PAD)
     out = sampler.generate(PROMPTS, max_new_tokens=16, temperature=0.0)
     for prompt, (c,) in zip(PROMPTS, out, strict=True):
         assert c.token_ids == reference_greedy(tiny, prompt, 16, set())
@@ -92,7 +100,7 @@ def test_greedy_matches_uncached_reference(tiny):
 
 
 def test_left_padding_does_not_change_results(tiny):
-    sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
+    sampler = Eager(tiny, stop_token_ids=[], pad_id=PAD)
     short = [20, 21]
     (alone,) = sampler.generate([short], max_new_tokens=12, temperature=0.0)[0]
     batched = sampler.generate([PROMPTS[1], short, PROMPTS[3]], max_new_tokens=12, temperature=0)
@@ -103,13 +111,13 @@ def test_left_padding_does_not_change_results(tiny):
 
 
 def test_stop_tokens_end_sequences(tiny):
-    free = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
+    free = Eager(tiny, stop_token_ids=[], pad_id=PAD)
     unstopped = [c.token_ids for (c,) in free.generate(PROMPTS, max_new_tokens=20, temperature=0)]
     # Stop on a token the first prompt produces mid-way; other prompts may or may not hit it.
     stop = unstopped[0][3]
     # A second stop id that never comes up checks that any of several ids stops a row.
     unused = next(t for t in range(VOCAB) if all(t not in full for full in unstopped))
-    sampler = NativeSampler(tiny, stop_token_ids=[unused, stop], pad_id=PAD, max_batch_size=4)
+    sampler = Eager(tiny, stop_token_ids=[unused, stop], pad_id=PAD, max_batch_size=4)
     out = sampler.generate(PROMPTS, max_new_tokens=20, temperature=0)
     hit_any = False
     for full, (c,) in zip(unstopped, out, strict=True):
@@ -134,7 +142,7 @@ def test_stop_tokens_end_sequences(tiny):
 
 
 def test_seed_determinism(tiny):
-    sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=8)
+    sampler = Eager(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=8)
     kwargs = dict(num_samples=4, max_new_tokens=10, temperature=1.0)
     a = sampler.generate(PROMPTS, seed=11, **kwargs)
     b = sampler.generate(PROMPTS, seed=11, **kwargs)
@@ -155,8 +163,8 @@ def test_per_prompt_seeds_make_samples_independent_of_batching(tiny):
     batch size, or the order, which is what lets ranks split a step's prompts."""
     kwargs = dict(num_samples=3, max_new_tokens=10, temperature=1.0)
     seeds = [101, 102, 103, 104]
-    whole = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=12)
-    split = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=2)
+    whole = Eager(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=12)
+    split = Eager(tiny, stop_token_ids=[], pad_id=PAD, max_batch_size=2)
     all_at_once = whole.generate(PROMPTS, seed=seeds, **kwargs)
     odd = split.generate(PROMPTS[1::2], seed=seeds[1::2], **kwargs)
     even = split.generate(PROMPTS[::2][::-1], seed=seeds[::2][::-1], **kwargs)[::-1]
@@ -172,7 +180,7 @@ def test_sync_weights_copies_a_policy_into_the_sampling_model(tiny):
     import copy
 
     policy = copy.deepcopy(tiny)
-    sampler = NativeSampler(copy.deepcopy(tiny), stop_token_ids=[], pad_id=PAD)
+    sampler = Eager(copy.deepcopy(tiny), stop_token_ids=[], pad_id=PAD)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -183,12 +191,12 @@ def test_sync_weights_copies_a_policy_into_the_sampling_model(tiny):
     for a, b in zip(sampler.model.parameters(), policy.parameters(), strict=True):
         assert torch.equal(a, b)
     after = sampler.generate(PROMPTS, **kwargs)
-    expect = NativeSampler(policy, stop_token_ids=[], pad_id=PAD).generate(PROMPTS, **kwargs)
+    expect = Eager(policy, stop_token_ids=[], pad_id=PAD).generate(PROMPTS, **kwargs)
     assert after == expect and after != before
 
 
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
-    sampler = NativeSampler(tiny, stop_token_ids=[], pad_id=PAD)
+    sampler = Eager(tiny, stop_token_ids=[], pad_id=PAD)
     greedy = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, temperature=0)
     top_k = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, top_k=1, seed=0)
     top_p = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, top_p=1e-6, seed=0)
@@ -226,7 +234,7 @@ def test_first_token_distribution(temperature, top_k, top_p):
     expected = reference_filter(logits, top_k, top_p).softmax(-1)
     if temperature == 6.0:
         assert int((expected > 0).sum()) > 64
-    sampler = NativeSampler(model, stop_token_ids=[], pad_id=PAD, max_batch_size=n)
+    sampler = Eager(model, stop_token_ids=[], pad_id=PAD, max_batch_size=n)
     (samples,) = sampler.generate(
         [prompt],
         num_samples=n,
@@ -255,7 +263,7 @@ def test_training_unaffected_lora_and_checkpointing():
     set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
     model.train()
     tokens = torch.tensor([PROMPTS[1]])
-    sampler = NativeSampler(model, stop_token_ids=[], pad_id=PAD)
+    sampler = Eager(model, stop_token_ids=[], pad_id=PAD)
     out = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=8, temperature=0.9, seed=0)
 
     assert model.training and all(m.training for m in model.modules())
@@ -286,7 +294,7 @@ def test_training_unaffected_lora_and_checkpointing():
     ],
 )
 def test_bad_arguments_name_the_field(tiny, kwargs, field):
-    sampler = NativeSampler(tiny, stop_token_ids=[1], pad_id=PAD)
+    sampler = Eager(tiny, stop_token_ids=[1], pad_id=PAD)
     kwargs = {"prompts": [[1, 2]], "max_new_tokens": 8, **kwargs}
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         sampler.generate(kwargs.pop("prompts"), **kwargs)
@@ -301,11 +309,70 @@ def test_bad_constructor_arguments(tiny):
         NativeSampler(torch.nn.Linear(2, 2), stop_token_ids=[1], pad_id=PAD)
 
 
+def test_compiled_step_matches_eager_lora_checkpointed(monkeypatch):
+    """The compiled decode step (torch.compile of the layer and of the head + sampling) gives
+    the eager step's tokens, with logprobs to 1e-5, on the recipe's hardest model: LoRA with
+    dropout under activation checkpointing. Rows stop at different steps, so the batch moves
+    down its buckets (8 -> 4 -> 2); T = 6 with top-p 0.95 keeps more than the first 64
+    candidates, so compiled steps hand some rows to the eager top-p widening. Dynamic shapes
+    keep it to one graph per compiled part for every batch bucket and cache length."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = lora_llama3_2(["q_proj", "v_proj"], lora_rank=4, lora_alpha=8, lora_dropout=0.5, **TINY)
+    _init(model)
+    for name, p in model.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    set_activation_checkpointing(model, auto_wrap_policy={TransformerSelfAttentionLayer})
+    model.train()
+    free = Eager(model, stop_token_ids=[], pad_id=PAD)
+    unstopped = [c.token_ids for (c,) in free.generate(PROMPTS, max_new_tokens=16, temperature=0)]
+    # A stop token the greedy rows meet at different steps makes the live batch shrink.
+    stop = unstopped[0][2]
+    kwargs = dict(num_samples=2, max_new_tokens=16, seed=7)
+    settings = [dict(temperature=0.0), dict(temperature=6.0, top_p=0.95, top_k=100)]
+    eager = Eager(model, stop_token_ids=[stop], pad_id=PAD, max_batch_size=8)
+    compiled = NativeSampler(
+        model, stop_token_ids=[stop], pad_id=PAD, max_batch_size=8, compile=True
+    )
+
+    widened = []
+    wide = native._sample_wide
+    monkeypatch.setattr(native, "_sample_wide", lambda *a, **k: widened.append(1) or wide(*a, **k))
+    counters.clear()
+    for setting in settings:
+        want = eager.generate(PROMPTS, **kwargs, **setting)
+        widened.clear()
+        got = compiled.generate(PROMPTS, **kwargs, **setting)
+        for w, g in zip(want, got, strict=True):
+            assert [c.token_ids for c in g] == [c.token_ids for c in w]
+            assert [c.finished for c in g] == [c.finished for c in w]
+            torch.testing.assert_close(
+                torch.tensor([lp for c in g for lp in c.logprobs]),
+                torch.tensor([lp for c in w for lp in c.logprobs]),
+                atol=1e-5,
+                rtol=0,
+            )
+    assert len(widened) > 1  # the first token of the chunk, then rows that top-p widened
+    finished = [c.finished for group in got for c in group]
+    assert any(finished) and not all(finished)
+    assert {shape[0] for shape in compiled.step_shapes} >= {8, 4}
+    # A prompt long enough for the next cache-length bucket reuses the same graphs.
+    compiled.generate([[3] * 120], max_new_tokens=16, temperature=0.0)
+    assert {shape[1] for shape in compiled.step_shapes} == {128, 256}
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # One graph for the layer, one for the head per sampling setting (greedy, sampled).
+    assert counters["stats"]["unique_graphs"] == 1 + len(settings)
+    assert compiled.compile_seconds > 0
+    assert model.training and not model.caches_are_setup()
+
+
 @pytest.mark.slow  # ~10 s quiet, minutes on a loaded machine
 def test_smollm2_greedy_paris_and_batched_logprobs(smollm2_model, smollm2_tokenizer):
     """The real model: a right answer, and sampled logprobs that match a full forward."""
     tok = smollm2_tokenizer
-    sampler = NativeSampler(smollm2_model, stop_token_ids=tok.stop_token_ids, pad_id=tok.pad_id)
+    sampler = Eager(smollm2_model, stop_token_ids=tok.stop_token_ids, pad_id=tok.pad_id)
     france = tok.tokenize_messages([{"role": "user", "content": "What is the capital of France?"}])
     (answer,) = sampler.generate([france], max_new_tokens=24, temperature=0)[0]
     assert "Paris" in tok.decode(answer.token_ids)

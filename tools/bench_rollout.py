@@ -1,17 +1,23 @@
-"""Rollout throughput: NativeSampler on SmolLM2-135M at the CPU demo shape, one run.
+"""Rollout throughput at the CPU demo shape: eager vs compiled native sampler vs transformers.
 
     python tools/bench_rollout.py --json outputs/bench_rollout.json
 
-Generates 4 short arithmetic chat prompts (~60 tokens) x 8 samples x 64 new tokens (the GRPO
-CPU demo's rollout) with the native sampler at max_batch_size 1, 8 and 32 (each timed on its
-first ``--chunks`` chunks), and with ``--torchtune`` all 32 sequences with torchtune's own
-``generate`` (KV cache, left padding, one row per sequence, returns full logits) as an outside
-baseline. Variants run interleaved, ``--repeats`` times; the JSON holds per-variant medians of
-generated tokens per second (stop tokens included, as in training) and the ratios to batch 1.
+Generates 4 short arithmetic chat prompts (~56 tokens) x 8 samples x 64 new tokens (the GRPO
+CPU demo's rollout, SmolLM2-135M-Instruct fp32) three ways, interleaved, ``--repeats`` times:
+the native sampler with its eager decode step, the same sampler with the compiled step
+(``compile=True``), and transformers' ``generate`` (default dynamic cache, the same prompts
+left-padded, ``num_return_sequences``) as the generic baseline. The JSON holds per-variant
+medians of generated tokens per second (stop tokens included, as in training), the ratios,
+the load average, and the compile cost apart from the timed runs: the first compile in this
+process (``compile.first_s``: cold when the inductor cache directory is empty, e.g. with
+``TORCHINDUCTOR_CACHE_DIR`` set to a new directory) and a recompile after
+``torch._dynamo.reset()`` that finds the kernels on disk (``compile.cached_s``, what a second
+run of the recipe pays). ``--profile`` adds the top operators of one compiled generation.
 """
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -22,7 +28,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from torchtune.generation import generate as torchtune_generate
 from tqdm.auto import tqdm
 
 from packrl.models import ChatTokenizer, ensure_smollm2_checkpoint, load_smollm2
@@ -103,19 +108,11 @@ def write_report(report: dict, path: Path | None) -> None:
         path.write_text(text + "\n")
 
 
-def run_native(sampler: NativeSampler, prompts, args, batch: int, seed: int) -> int:
-    """Generates the first ``args.chunks`` chunks of ``batch`` sequences (prompt-major, as the
-    sampler orders them) and returns the number of generated tokens. Chunks run one after
-    another, so tokens/s does not depend on how many run; this keeps batch 1 affordable."""
-    sequences = min(args.chunks * batch, len(prompts) * args.samples)
-    if sequences < args.samples:
-        prompts, num_samples = prompts[:1], sequences
-    else:
-        prompts, num_samples = prompts[: sequences // args.samples], args.samples
-    sampler.max_batch_size = batch
+def run_native(sampler: NativeSampler, prompts, args, seed: int) -> int:
+    """All prompts x samples in one chunk; returns the number of generated tokens."""
     out = sampler.generate(
         prompts,
-        num_samples=num_samples,
+        num_samples=args.samples,
         max_new_tokens=args.new_tokens,
         temperature=args.temperature,
         seed=seed,
@@ -123,30 +120,71 @@ def run_native(sampler: NativeSampler, prompts, args, batch: int, seed: int) -> 
     return sum(len(c.token_ids) for samples in out for c in samples)
 
 
-def run_torchtune(model, tokenizer: ChatTokenizer, prompts, args, seed: int) -> int:
-    """torchtune.generation.generate on all sequences at once (left-padded by hand)."""
-    rows = [p for p in prompts for _ in range(args.samples)]
-    width = max(map(len, rows))
-    batch = torch.tensor([[tokenizer.pad_id] * (width - len(p)) + p for p in rows])
-    rng = torch.Generator().manual_seed(seed)
-    tokens, _ = torchtune_generate(
-        model,
-        batch,
-        max_generated_tokens=args.new_tokens,
-        pad_id=tokenizer.pad_id,
+def run_transformers(hf_model, prompts, pad_id: int, stop_ids: list[int], args, seed: int) -> int:
+    """transformers' ``generate`` on the same prompts (left-padded), full-vocabulary sampling
+    at the same temperature (top_k=0 and top_p=1 override the checkpoint's defaults); returns
+    the tokens generated up to and including each row's first stop token, as the sampler
+    counts them."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(seed)
+    out = hf_model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
         temperature=args.temperature,
-        stop_tokens=tokenizer.stop_token_ids,
-        rng=rng,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=0,
+        num_return_sequences=args.samples,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
     )
-    # Count tokens up to and including each row's first stop token, as the sampler does.
     count = 0
-    stops = set(tokenizer.stop_token_ids)
-    for row in tokens[:, width:].tolist():
+    for row in out[:, width:].tolist():
         for t in row:
             count += 1
-            if t in stops:
+            if t in stop_ids:
                 break
     return count
+
+
+def compile_cost(model, tokenizer: ChatTokenizer, prompts, args) -> dict:
+    """Seconds the compiled sampler spends compiling for this shape: first in this process,
+    then again after ``torch._dynamo.reset()`` with inductor's on-disk caches warm."""
+    cost = {"inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR", "default")}
+    for name in ("first", "cached"):
+        torch._dynamo.reset()
+        sampler = NativeSampler(
+            model, stop_token_ids=tokenizer.stop_token_ids, pad_id=tokenizer.pad_id, compile=True
+        )
+        start = time.perf_counter()
+        run_native(sampler, prompts, args, args.seed)
+        cost[f"{name}_s"] = sampler.compile_seconds
+        cost[f"{name}_call_s"] = time.perf_counter() - start
+        cost["graphs_for_shapes"] = sorted(sampler.step_shapes)
+    return cost
+
+
+def profile_compiled(sampler: NativeSampler, prompts, args, top: int = 15) -> list[dict]:
+    """torch.profiler over one compiled generation: the operators with most self CPU time."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        run_native(sampler, prompts, args, args.seed)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    return [
+        {
+            "op": e.key,
+            "self_cpu_s": round(e.self_cpu_time_total / 1e6, 3),
+            "share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count,
+        }
+        for e in events[:top]
+    ]
 
 
 def main() -> None:
@@ -156,42 +194,63 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument(
-        "--chunks", type=int, default=2, help="chunks timed per native variant (see run_native)"
-    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--torchtune",
-        action="store_true",
-        help="also time torchtune.generation.generate on all sequences at once (slow: it keeps"
-        " and re-concatenates full-vocabulary logits every step)",
-    )
+    parser.add_argument("--profile", action="store_true", help="profile one compiled run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import transformers
 
     checkpoint = ensure_smollm2_checkpoint()
     tokenizer = ChatTokenizer.from_dir(checkpoint)
     model = load_smollm2(checkpoint)
-    sampler = NativeSampler(model, stop_token_ids=tokenizer.stop_token_ids, pad_id=tokenizer.pad_id)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    hf_model.eval()
     prompts = arithmetic_prompts(tokenizer, args.prompts, args.seed)
+    load_start = os.getloadavg()
 
-    variants = {
-        f"native_batch{b}": (lambda s, b=b: run_native(sampler, prompts, args, b, s))
-        for b in args.batches
+    compile_s = compile_cost(model, tokenizer, prompts, args)
+    samplers = {
+        name: NativeSampler(
+            model,
+            stop_token_ids=tokenizer.stop_token_ids,
+            pad_id=tokenizer.pad_id,
+            max_batch_size=args.prompts * args.samples,
+            compile=compiled,
+        )
+        for name, compiled in (("native_eager", False), ("native_compiled", True))
     }
-    if args.torchtune:
-        variants["torchtune_generate"] = lambda s: run_torchtune(model, tokenizer, prompts, args, s)
-
-    sampler.generate(prompts[:1], max_new_tokens=4, seed=0)  # warm-up
+    variants = {
+        name: (lambda seed, s=sampler: run_native(s, prompts, args, seed))
+        for name, sampler in samplers.items()
+    }
+    stop_ids = tokenizer.stop_token_ids
+    variants["transformers_generate"] = lambda seed: run_transformers(
+        hf_model, prompts, tokenizer.pad_id, stop_ids, args, seed
+    )
+    for fn in variants.values():  # warm-up (the compiled graphs exist already)
+        fn(args.seed)
     results = time_variants(variants, args.repeats, args.seed, "bench_rollout")
-    base = results.get(f"native_batch{args.batches[0]}")
-    if base:
-        for r in results.values():
-            r["speedup_vs_first_batch"] = r["tokens_per_s_median"] / base["tokens_per_s_median"]
-    write_report({**report_header("bench_rollout", args, prompts), "results": results}, args.json)
+    rate = {name: r["tokens_per_s_median"] for name, r in results.items()}
+    seconds = {name: r["seconds_median"] for name, r in results.items()}
+    saved = seconds["native_eager"] - seconds["native_compiled"]
+    report = {
+        **report_header("bench_rollout", args, prompts),
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg(),
+        "transformers_version": transformers.__version__,
+        "compile": compile_s,
+        "compiled_over_eager": rate["native_compiled"] / rate["native_eager"],
+        "compiled_over_transformers": rate["native_compiled"] / rate["transformers_generate"],
+        "eager_over_transformers": rate["native_eager"] / rate["transformers_generate"],
+        # GRPO steps (one such rollout each) after which the first compile has paid for itself.
+        "compile_paid_back_after_rollouts": compile_s["first_s"] / saved if saved > 0 else None,
+        "results": results,
+    }
+    if args.profile:
+        report["profile_compiled"] = profile_compiled(samplers["native_compiled"], prompts, args)
+    write_report(report, args.json)
 
 
 if __name__ == "__main__":

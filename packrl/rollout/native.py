@@ -5,31 +5,47 @@ How a chunk of at most ``max_batch_size`` sequences is generated:
 1. The distinct prompts of the chunk are left-padded to one length ``Lp`` and prefilled once
    (``U`` rows), with RoPE positions that start at 0 on each prompt's first real token and a
    causal mask that hides the padding.
-2. The KV cache rows are copied out to one row per sequence (``B`` rows, ``num_samples`` per
-   prompt), so a prompt is prefilled once however many samples it gets.
-3. Decoding runs one token per step for every row. The cache slot of step ``t`` is
-   ``Lp + t`` for all rows, while each row's RoPE position is its own ``len(prompt) + t``.
-   A row stops recording when it samples a stop token; once a quarter of the rows are done
-   they are dropped from the batch (and the cache), and the chunk ends when all are done.
+2. The KV cache rows are copied out to one row per sequence (``num_samples`` per prompt), so
+   a prompt is prefilled once however many samples it gets. The batch is rounded up to a
+   power of two ``B`` with filler rows, and the cache length ``L`` (``Lp`` + max_new_tokens)
+   up to a multiple of ``CACHE_LEN_MULTIPLE``: these are the shape buckets.
+3. Decoding runs one token per step for every row (``NativeSampler._step``: the layers, the
+   output head and sampling; the layer and the head+sampling are compiled once per bucket
+   unless ``compile=False``). The cache slot
+   of step ``t`` is ``Lp + t`` for all rows, while each row's RoPE position is its own
+   ``len(prompt) + t``. A row stops recording when it samples a stop token; when the live rows
+   fit a smaller bucket they move there (with the cache rows), and the chunk ends when all
+   are done.
 
-Only the sampled tokens' log-probabilities leave a step; the full-vocabulary logits of a step
-are dropped when the next one starts. The caches are torchtune's (``local_kv_cache``) and are
-deleted when a chunk ends, so training forwards afterwards see a plain model.
+Only the sampled tokens' log-probabilities leave a step. The cache is plain tensors
+(``kv_cache.StaticKVCache``), never attached to the model, so training forwards see a plain
+model.
 """
 
 import copy
 import random
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torchtune.modules import TransformerDecoder
-from torchtune.modules.common_utils import local_kv_cache
-from torchtune.modules.kv_cache import KVCache
 from tqdm.auto import tqdm
 
 from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
+from packrl.rollout.kv_cache import (
+    StaticKVCache,
+    cached_forward,
+    layer_forward,
+    self_attention_layers,
+)
 from packrl.training.distributed import full_parameters, world
+
+# Cache lengths are rounded up to this, so that prompts of similar length share a shape (one
+# CUDA graph recording per shape; on CPU the compiled graphs take any length).
+CACHE_LEN_MULTIPLE = 128
+# Top-p looks at this many most likely tokens first (see _sample_wide).
+TOP_P_CANDIDATES = 64
 
 
 class NativeSampler:
@@ -43,6 +59,15 @@ class NativeSampler:
         stop_token_ids: a sequence ends when it samples one of these (the token is kept).
         pad_id: token used for left padding and for rows that already finished; never attended.
         max_batch_size: most sequences (prompts x samples) decoded together.
+        compile: run the decode step through ``torch.compile`` (one graph per batch size,
+            cache length and sampling setting; CUDA graphs on CUDA). False runs the same step
+            eagerly: no compile time, more per-step overhead.
+
+    Attributes:
+        compile_seconds: wall time of the decode steps that compiled a new graph (each such
+            step's own compute included), summed over the sampler's life.
+        step_shapes: the (batch, cache length, temperature, top_p, top_k) keys seen so far;
+            with ``compile`` each is one compiled graph.
     """
 
     def __init__(
@@ -52,6 +77,7 @@ class NativeSampler:
         stop_token_ids: list[int],
         pad_id: int,
         max_batch_size: int = 64,
+        compile: bool = False,
     ) -> None:
         if not isinstance(model, TransformerDecoder):
             raise TypeError(
@@ -66,9 +92,15 @@ class NativeSampler:
         # Under torchrun the recipe shards the policy after building the sampler; decoding
         # then runs on this unsharded copy, refreshed by sync_weights after each update.
         self.model = copy.deepcopy(model) if world()[0] > 1 else model
+        self._layers = self_attention_layers(self.model)
         self.stop_token_ids = list(stop_token_ids)
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
+        self.compile = compile
+        self.compile_seconds = 0.0
+        self.step_shapes: set[tuple] = set()
+        self._compiled: tuple[Callable, Callable] | None = None
+        self._static_caches: dict[tuple[int, int], StaticKVCache] = {}
 
     @torch.no_grad()
     def generate(
@@ -134,12 +166,12 @@ class NativeSampler:
     ) -> list[Completion]:
         """Generates one completion per entry of ``row_prompts`` (indices into ``prompts``),
         the random numbers of row i drawn from the stream seeded by ``streams[i]``."""
-        model = self.model
-        device = model.tok_embeddings.weight.device
+        model, layers = self.model, self._layers
+        device, dtype = model.tok_embeddings.weight.device, model.tok_embeddings.weight.dtype
         unique = sorted(set(row_prompts))
         lens = torch.tensor([len(prompts[p]) for p in unique], device=device)  # [U]
         n_unique, prompt_len = len(unique), int(lens.max())
-        cache_len = prompt_len + max_new_tokens
+        cache_len = _round_up(prompt_len + max_new_tokens, CACHE_LEN_MULTIPLE)
 
         # Left-padded prompts [U, Lp]; pad positions get RoPE position 0 (they are never seen).
         tokens = torch.full((n_unique, prompt_len), self.pad_id, dtype=torch.long, device=device)
@@ -156,74 +188,144 @@ class NativeSampler:
         causal = slots[None, :] <= torch.arange(prompt_len, device=device)[:, None]
         diagonal = slots[None, :] == torch.arange(prompt_len, device=device)[:, None]
         mask = (causal[None] & key_valid[:, None, :]) | diagonal[None]
+        prefill_cache = StaticKVCache.zeros(layers, n_unique, cache_len, device=device, dtype=dtype)
+        hidden = cached_forward(
+            model, layers, tokens, positions, mask, slots[:prompt_len], prefill_cache
+        )  # [U, Lp, D]
+        logits = model.output(model.norm(hidden[:, -1])).float()  # [U, V]
 
-        stop_ids = torch.tensor(self.stop_token_ids, dtype=torch.long, device=device)
+        # One row per sequence, the batch rounded up to its bucket (_bucket) with filler rows
+        # (copies of row 0, done from the start) so that decode steps come in few shapes.
         n_rows = len(row_prompts)
+        batch = _bucket(n_rows, self.max_batch_size)
+        src = torch.tensor([unique.index(p) for p in row_prompts], device=device)  # [n_rows]
+        src = torch.cat([src, src[:1].expand(batch - n_rows)])  # [B]
+        cache = prefill_cache.copy_rows(src, self._cache(batch, cache_len))
+        del prefill_cache
+        logits, key_valid, next_pos = logits[src], key_valid[src], lens[src]
+        row_ids = torch.arange(batch, device=device)  # chunk sequence held by each row
+        done = row_ids >= n_rows
+        # One uniform per sequence and step [B, T], from each sequence's own stream.
+        uniforms = torch.tensor(
+            [[r.random() for _ in range(max_new_tokens)] for r in map(random.Random, streams)]
+            + [[0.0] * max_new_tokens] * (batch - n_rows),
+            dtype=torch.float64,
+        ).to(device)
+        stop_ids = torch.tensor(self.stop_token_ids, dtype=torch.long, device=device)
         token_ids: list[list[int]] = [[] for _ in range(n_rows)]
         logprobs: list[list[float]] = [[] for _ in range(n_rows)]
         finished = [False] * n_rows
+        sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k)
 
-        dtype = model.tok_embeddings.weight.dtype
-        with local_kv_cache(
-            model, batch_size=n_unique, device=device, dtype=dtype, decoder_max_seq_len=cache_len
-        ):
-            logits = self._last_logits(tokens, mask, positions)  # [U, V]
-
-            # Expand from one row per prompt to one row per sequence.
-            src = torch.tensor([unique.index(p) for p in row_prompts], device=device)  # [B]
-            _select_cache_rows(model, src)
-            logits, key_valid, next_pos = logits[src], key_valid[src], lens[src]
-            row_ids = torch.arange(n_rows, device=device)  # chunk sequence held by each row
-            # One uniform per sequence and step [B, T], from each sequence's own stream.
-            uniforms = torch.tensor(
-                [[r.random() for _ in range(max_new_tokens)] for r in map(random.Random, streams)],
-                dtype=torch.float64,
-            ).to(device)
-            done = torch.zeros(n_rows, dtype=torch.bool, device=device)
-
-            for step in range(max_new_tokens):
-                tok, tok_logprob = _sample(
-                    logits, temperature, top_p, top_k, uniforms[row_ids, step]
-                )  # [B]
-                for r, t, lp, d in zip(
-                    row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist(), strict=True
-                ):
-                    if not d:
-                        token_ids[r].append(t)
-                        logprobs[r].append(lp)
-                stopped = torch.isin(tok, stop_ids) & ~done
-                for r in row_ids[stopped].tolist():
-                    finished[r] = True
-                done |= stopped
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                if 4 * int(done.sum()) >= len(done):
-                    # Drop finished rows: copying the cache once is cheaper than carrying them.
-                    keep = (~done).nonzero().squeeze(1)
-                    _select_cache_rows(model, keep)
-                    tok, key_valid, next_pos = tok[keep], key_valid[keep], next_pos[keep]
-                    row_ids, done = row_ids[keep], done[keep]
-                tok = tok.masked_fill(done, self.pad_id)
-                key_valid[:, prompt_len + step] = True
-                # Decode mask [B, 1, cache_len]: slots not yet written are still False.
-                logits = self._last_logits(tok[:, None], key_valid[:, None, :], next_pos[:, None])
-                next_pos = next_pos + 1
+        tok, tok_logprob = _sample_wide(logits, uniforms[:, 0], **sampling)  # [B], eager
+        for step in range(max_new_tokens):
+            for r, t, lp, d in zip(
+                row_ids.tolist(), tok.tolist(), tok_logprob.tolist(), done.tolist(), strict=True
+            ):
+                if not d:
+                    token_ids[r].append(t)
+                    logprobs[r].append(lp)
+            stopped = torch.isin(tok, stop_ids) & ~done
+            for r in row_ids[stopped].tolist():
+                finished[r] = True
+            done |= stopped
+            alive = int((~done).sum())
+            if alive == 0 or step == max_new_tokens - 1:
+                break
+            smaller = _bucket(alive, self.max_batch_size)
+            if smaller < len(done):
+                # Move the live rows to a smaller batch bucket: copying the cache once is
+                # cheaper than carrying finished rows; fillers are finished rows, still done.
+                order = torch.argsort(done.to(torch.int8), stable=True)[:smaller]
+                cache = cache.copy_rows(order, self._cache(len(order), cache_len))
+                tok, key_valid, next_pos = tok[order], key_valid[order], next_pos[order]
+                row_ids, done = row_ids[order], done[order]
+            tok = tok.masked_fill(done, self.pad_id)
+            slot = torch.tensor([prompt_len + step], device=device)
+            tok, tok_logprob, logits, short = self._step(
+                tok, next_pos, key_valid, slot, cache, uniforms[row_ids, step + 1], sampling
+            )
+            if bool(short.any()):
+                tok, tok_logprob = _sample_wide(logits, uniforms[row_ids, step + 1], **sampling)
+            next_pos = next_pos + 1
 
         return [
             Completion(t, lp, f) for t, lp, f in zip(token_ids, logprobs, finished, strict=True)
         ]
 
-    def _last_logits(
-        self, tokens: torch.Tensor, mask: torch.Tensor, input_pos: torch.Tensor
-    ) -> torch.Tensor:
-        """Runs tokens [B, S] through the cached model; returns fp32 logits [B, V] of the last
-        position. Walks the layers itself (as TransformerDecoder.forward does) so the prefill
-        never builds [B, S, V] logits and chunked output (set for training) does not apply."""
-        model = self.model
-        h = model.tok_embeddings(tokens)  # [B, S, D]
-        for layer in model.layers:
-            h = layer(h, mask=mask, input_pos=input_pos)
-        return model.output(model.norm(h[:, -1])).float()  # [B, V]
+    def _step(
+        self,
+        tok: torch.Tensor,
+        pos: torch.Tensor,
+        key_valid: torch.Tensor,
+        slot: torch.Tensor,
+        cache: StaticKVCache,
+        uniforms: torch.Tensor,
+        sampling: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One decode step: feeds tokens ``tok`` [B] at RoPE positions ``pos`` [B], writes
+        their keys and values at cache slot ``slot`` [1] (marking it in ``key_valid`` [B, L],
+        in place) and samples every row's next token with its uniform (``uniforms`` [B]).
+        Returns what ``_sample_head`` returns. Times the steps that meet a new shape."""
+        key = (len(tok), cache.length, *sampling.values())
+        new = key not in self.step_shapes
+        start = time.perf_counter()
+        layer_fn, head_fn = layer_forward, _sample_head
+        if self.compile:
+            layer_fn, head_fn = self._compiled_step_parts(tok.device)
+            if tok.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()  # last step's outputs are spent
+        key_valid.index_fill_(1, slot, True)
+        hidden = cached_forward(
+            self.model,
+            self._layers,
+            tok[:, None],
+            pos[:, None],
+            key_valid[:, None, :],
+            slot,
+            cache,
+            layer_fn,
+        )  # [B, 1, D]
+        out = head_fn(self.model, hidden[:, -1], uniforms, **sampling)
+        if new:
+            self.step_shapes.add(key)
+            if self.compile:
+                self.compile_seconds += time.perf_counter() - start
+        return out
+
+    def _compiled_step_parts(self, device: torch.device) -> tuple[Callable, Callable]:
+        """``layer_forward`` and ``_sample_head`` through ``torch.compile``, made once.
+
+        The layer is compiled, not the whole step: every layer has the same code and shapes,
+        so one graph serves all of them (only the weights differ, and they are inputs), and a
+        cold compile takes seconds instead of minutes on a 2-core CPU. Shapes are dynamic, so
+        one graph per part also serves every batch bucket and cache length (sampling settings
+        are constants: the head gets one graph per setting). On CUDA, CUDA graphs
+        ("reduce-overhead", untested here) replay each part without launching its kernels one
+        by one, recorded once per shape.
+        """
+        if self._compiled is None:
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self._compiled = tuple(
+                torch.compile(fn, mode=mode, dynamic=True) for fn in (layer_forward, _sample_head)
+            )
+        return self._compiled
+
+    def _cache(self, batch: int, length: int) -> StaticKVCache:
+        """A decode cache of ``batch`` x ``length`` slots. On CUDA one per shape, kept and
+        marked static so that CUDA graphs can replay steps that write into it; elsewhere a
+        fresh one (freed with the chunk)."""
+        device = self.model.tok_embeddings.weight.device
+        dtype = self.model.tok_embeddings.weight.dtype
+        if device.type != "cuda":
+            return StaticKVCache.zeros(self._layers, batch, length, device=device, dtype=dtype)
+        key = (batch, length)
+        if key not in self._static_caches:
+            cache = StaticKVCache.zeros(self._layers, batch, length, device=device, dtype=dtype)
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_static_address(t)
+            self._static_caches[key] = cache
+        return self._static_caches[key]
 
     def close(self) -> None:
         """Nothing to release: the sampling model is the policy or a plain copy of it."""
@@ -265,62 +367,89 @@ class NativeSampler:
             raise ValueError(f"top_k: must be >= 1 or None (no top-k), got {top_k}")
 
 
-def _select_cache_rows(model: nn.Module, rows: torch.Tensor) -> None:
-    """Keeps (or repeats) the KV cache rows ``rows`` [B'] in every layer's cache."""
-    for module in model.modules():
-        if isinstance(module, KVCache):
-            module.k_cache = module.k_cache.index_select(0, rows)
-            module.v_cache = module.v_cache.index_select(0, rows)
-            module.batch_size = len(rows)
+def _sample_head(
+    model: TransformerDecoder,
+    hidden: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Final norm, output projection and ``_sample`` for hidden states [B, D]. Returns the
+    sampled tokens [B], their logprobs [B], the fp32 logits [B, V] and ``short`` [B] (rows
+    whose top-p set did not fit in ``TOP_P_CANDIDATES`` tokens: redraw with ``_sample_wide``).
+    """
+    logits = model.output(model.norm(hidden)).float()  # [B, V]
+    tok, tok_logprob, short = _sample(
+        logits, uniforms, temperature=temperature, top_p=top_p, top_k=top_k
+    )
+    return tok, tok_logprob, logits, short
 
 
 def _sample(
     logits: torch.Tensor,
+    uniforms: torch.Tensor,
+    *,
     temperature: float,
     top_p: float,
     top_k: int | None,
-    uniforms: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    candidates: int = TOP_P_CANDIDATES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draws one token per row from logits [B, V] (fp32), with one uniform in [0, 1) per row
     (uniforms [B]).
 
-    Returns tokens [B] and their log-probs [B] under softmax(logits / temperature), taken
-    before top-k / top-p truncation (softmax(logits) when greedy).
+    Returns tokens [B], their log-probs [B] under softmax(logits / temperature), taken
+    before top-k / top-p truncation (softmax(logits) when greedy), and ``short`` [B]: True
+    where top-p needed more than ``candidates`` tokens, so the row's token is not valid.
     """
+    short = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     if temperature == 0:
         tok = logits.argmax(dim=-1)
-        return tok, _token_logprob(logits, tok)
+        return tok, _token_logprob(logits, tok), short
     scaled = logits / temperature
     filtered = scaled
     if top_k is not None and top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]  # [B, 1]
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
     if top_p < 1.0:
-        filtered = _top_p_filter(filtered, top_p)
+        filtered, short = _top_p_filter(filtered, top_p, candidates)
     tok = _draw(filtered.softmax(dim=-1), uniforms)
-    return tok, _token_logprob(scaled, tok)
+    return tok, _token_logprob(scaled, tok), short
 
 
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Sets to -inf all but the smallest set of most likely tokens whose probability mass
-    reaches top_p, per row of logits [B, V].
+def _sample_wide(
+    logits: torch.Tensor, uniforms: torch.Tensor, **sampling
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_sample`` (eager), widening the top-p candidates x8 until every row's top-p set fits.
 
     A full sort of [B, V] costs more than a decode step on CPU (~0.3 s for 32 x 49152); the
-    kept set is usually small, so take the top 64 and widen (x8) only while some row's top
-    tokens fall short of top_p.
+    kept set is usually small, so start from the top ``TOP_P_CANDIDATES`` tokens.
     """
-    vocab = logits.shape[-1]
-    log_total = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
-    k = min(64, vocab)
+    candidates = TOP_P_CANDIDATES
     while True:
-        values, order = torch.topk(logits, k, dim=-1)  # [B, k], descending
-        probs = (values - log_total).exp()
-        mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
-        if k == vocab or bool((mass_before[:, -1] + probs[:, -1] >= top_p).all()):
-            break
-        k = min(8 * k, vocab)
+        tok, tok_logprob, short = _sample(logits, uniforms, candidates=candidates, **sampling)
+        if not bool(short.any()):
+            return tok, tok_logprob
+        candidates *= 8
+
+
+def _top_p_filter(
+    logits: torch.Tensor, top_p: float, candidates: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sets to -inf all but the smallest set of most likely tokens whose probability mass
+    reaches top_p, per row of logits [B, V], looking only at each row's ``candidates`` most
+    likely tokens. Returns the filtered logits [B, V] and ``short`` [B]: rows whose candidates
+    hold less than top_p (never when the candidates are the whole vocabulary)."""
+    vocab = logits.shape[-1]
+    k = min(candidates, vocab)
+    log_total = logits.logsumexp(dim=-1, keepdim=True)  # [B, 1]
+    values, order = torch.topk(logits, k, dim=-1)  # [B, k], descending
+    probs = (values - log_total).exp()
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens
+    short = (mass_before[:, -1] + probs[:, -1] < top_p) & (k < vocab)
     values = values.masked_fill(mass_before >= top_p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, values)
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, values), short
 
 
 def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -340,3 +469,14 @@ def _draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
 def _token_logprob(logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[tok] for logits [B, V], tok [B] -> [B]."""
     return logits.gather(-1, tok[:, None]).squeeze(1) - logits.logsumexp(dim=-1)
+
+
+def _bucket(n: int, max_batch_size: int) -> int:
+    """The batch size ``n`` rows are decoded at: n rounded up to a power of two, but at most
+    ``max_batch_size`` (when n fits it) and at least 2 (with dynamic shapes, torch.compile
+    gives size 1 a graph of its own; a second row costs little where weights dominate)."""
+    return max(2, min(1 << (n - 1).bit_length(), max(n, max_batch_size)))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
