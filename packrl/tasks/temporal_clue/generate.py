@@ -39,7 +39,7 @@ SCHEMA_VERSION = 2  # record layout; 2 added config, rules, map, schema_version
 
 POOL_SIZE = 60  # candidate clues drawn at a time
 MAX_CLUES = 150  # give up on a world (and draw another) past this many clues
-NAMING_ROUNDS = 3  # tries to make every asked answer named before drawing a new world
+NAMING_ROUNDS = 10  # deletion passes to get every required entity named before a new world
 # Question kinds whose answers are interchangeable unless named: an entity that no clue
 # names can swap places with another unnamed one of its kind, so unique answers force every
 # non-answer to be named, and a never-named entity *is* the answer (docs/temporal_clue.md).
