@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import gc
 import hashlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -244,8 +245,6 @@ class EvalRecipe:
 
 
 def _parameters(target: Any) -> set[str]:
-    import inspect
-
     try:
         return set(inspect.signature(target).parameters)
     except (TypeError, ValueError):
