@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             rows["solves"].append(rec["generation"]["solves"])
             rows["prompt_chars"].append(len(rec["prompt"]))
             rows["words"].append(len(rec["prompt"].split()))
+            print(f"  players={p} seed={seed}: {wall:.2f} s wall, {cpu:.2f} s cpu, "
+                  f"{rec['num_clues']} clues, {rec['generation']}", file=sys.stderr, flush=True)  # fmt: skip
             if args.compare_defaults or args.compare_probing:
                 tc_model.solver_params = cpsat_defaults if args.compare_defaults else probing_on
                 wall, cpu, _ = timed(seed, p)
