@@ -11,9 +11,10 @@ so they differ only in layout and attention. Layouts are interleaved (order rota
 repeat); medians are reported. A second part times (c) vs (d) on 4096-token rows and
 reports mask memory.
 
-Peak memory is measured apart from the timing: each layout runs one step in its own fresh
-process (this script with --only-layout NAME), so memory that glibc kept from an earlier
-layout cannot hide a later one. The child loads the model, builds its batch, resets the
+Peak memory is measured apart from the timing, and before it: each layout runs one step in its
+own fresh process (this script with --only-layout NAME), so memory that glibc kept from an
+earlier layout cannot hide a later one, while the parent holds no model or batch yet (so the
+padded layout's ~18 GB child fits a 24 GB machine). The child loads the model, builds its batch, resets the
 kernel's peak-RSS counter (writing 5 to /proc/self/clear_refs), runs the step and reads the
 peak back (VmHWM): "peak_rss_mb" is the step's peak RSS, "step_mb" that peak minus the RSS
 just before the step (model and batch loaded; no optimizer state).
@@ -46,7 +47,9 @@ from packrl.packed.attention import (
     use_packed_attention,
 )
 from packrl.packed.logprobs import chunked_token_logprobs, final_hidden_states, packed_logprobs
-from packrl.packed.packing import GroupRollout, PackedBatch, pack_groups
+from packrl.packed.packing import PackedBatch, pack_groups
+from packrl.rollout import Completion
+from packrl.rollout.group import GroupRollout
 
 ROW_ALIGN = 128  # packed rows are sized to the batch, rounded up to whole mask blocks
 LAYOUTS = ("a_padded", "b_unshared_block", "c_shared_block", "d_shared_dense")
@@ -61,8 +64,10 @@ def make_groups(n_groups, G, prompt_len, lo, hi, vocab, seed) -> list[GroupRollo
         groups.append(
             GroupRollout(
                 prompt_ids=[rng.randrange(vocab) for _ in range(prompt_len)],
-                completion_ids=[[rng.randrange(vocab) for _ in range(n)] for n in lens],
-                behaviour_logprobs=[[-1.0] * n for n in lens],
+                completions=[
+                    Completion([rng.randrange(vocab) for _ in range(n)], [-1.0] * n, True)
+                    for n in lens
+                ],
                 advantages=[rng.uniform(-1, 1) for _ in lens],
                 loss_weights=[1.0 / n for n in lens],
             )
@@ -73,18 +78,16 @@ def make_groups(n_groups, G, prompt_len, lo, hi, vocab, seed) -> list[GroupRollo
 def unshared(groups: list[GroupRollout]) -> list[GroupRollout]:
     """Every completion as its own group: packing without prompt sharing."""
     return [
-        GroupRollout(g.prompt_ids, [c], [b], [a], [w])
+        GroupRollout(g.prompt_ids, [c], advantages=[a], loss_weights=[w])
         for g in groups
-        for c, b, a, w in zip(
-            g.completion_ids, g.behaviour_logprobs, g.advantages, g.loss_weights, strict=True
-        )
+        for c, a, w in zip(g.completions, g.advantages, g.loss_weights, strict=True)
     ]
 
 
 def padded_rows(groups: list[GroupRollout]) -> PackedBatch:
     """(a): one row per completion, padded to the longest prompt+completion."""
     seqs = unshared(groups)
-    longest = max(len(s.prompt_ids) + len(s.completion_ids[0]) for s in seqs)
+    longest = max(len(s.prompt_ids) + s.lengths[0] for s in seqs)
     rows = [pack_groups([s], longest) for s in seqs]
     fields = {k: torch.cat([getattr(r, k) for r in rows]) for k in ("tokens", "positions", "group_ids", "parent_ids", "trained", "pred_pos", "behaviour_logprobs", "advantages", "loss_weights")}  # fmt: skip
     fields["seq_ids"] = torch.cat([torch.where(r.trained, i, -1) for i, r in enumerate(rows)])
@@ -95,7 +98,7 @@ def padded_rows(groups: list[GroupRollout]) -> PackedBatch:
 
 def row_len_for(groups: list[GroupRollout]) -> int:
     """Smallest block-aligned row that holds the largest group whole."""
-    need = max(len(g.prompt_ids) + sum(map(len, g.completion_ids)) for g in groups)
+    need = max(len(g.prompt_ids) + sum(g.lengths) for g in groups)
     return -(-need // ROW_ALIGN) * ROW_ALIGN
 
 
@@ -190,7 +193,7 @@ def build_layouts(args, vocab: int) -> tuple[dict, dict, dict]:
     G, P, lo, hi, rows4k = shape.values()
     # Part 1: one GRPO group (G completions of one prompt), four layouts.
     groups = make_groups(1, G, P, lo, hi, vocab, args.seed)
-    shape["completion_lens"] = [len(c) for c in groups[0].completion_ids]
+    shape["completion_lens"] = groups[0].lengths
     row_len = row_len_for(groups)
     layouts = {
         "a_padded": (padded_rows(groups), "padded"),
@@ -229,6 +232,19 @@ def main(argv=None) -> dict:
 
     from packrl.models import ensure_smollm2_checkpoint, load_smollm2
 
+    if not args.only_layout:
+        # Memory first, one fresh process per layout, while this process holds no model or
+        # batch: the padded layout's child needs ~18 GB, and a parent that had already run
+        # the timing kept ~13 GB, more than a 24 GB machine holds together.
+        parent_rss_mb = proc_status_mb("VmRSS")
+        memory = {
+            name: memory_in_subprocess(name, args)
+            for name in tqdm(LAYOUTS, desc="memory, one process per layout")
+        }
+        memory4k = {
+            name: memory_in_subprocess(f"rows4k_{name}", args)
+            for name in tqdm(LAYOUTS_4K, desc="memory, 4096-token rows")
+        }
     model = use_packed_attention(load_smollm2(ensure_smollm2_checkpoint()))
     vocab = model.tok_embeddings.num_embeddings
     shape, layouts, layouts4k = build_layouts(args, vocab)
@@ -263,11 +279,10 @@ def main(argv=None) -> dict:
         "causal_blocks": batch4k.num_rows * (n := -(-rows4k // ROW_ALIGN)) * (n + 1) // 2,
     }
 
-    # Memory: one fresh process per layout (after the timing, so it does not disturb it).
-    for name in tqdm(list(layouts), desc="memory, one process per layout"):
-        res[name]["memory"] = memory_in_subprocess(name, args)
-    for name in tqdm(list(layouts4k), desc=f"memory, {rows4k}-token rows"):
-        res4k[name]["memory"] = memory_in_subprocess(f"rows4k_{name}", args)
+    for name in layouts:
+        res[name]["memory"] = memory[name]
+    for name in layouts4k:
+        res4k[name]["memory"] = memory4k[name]
 
     out = {
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -277,6 +292,7 @@ def main(argv=None) -> dict:
         "loadavg_at_end": os.getloadavg(),
         "memory_measure": "one fresh process per layout: peak RSS (VmHWM, reset via "
         "/proc/self/clear_refs after model load) over one step; step_mb = peak - RSS before",
+        "parent_rss_mb_during_memory_phase": parent_rss_mb,
         "batch": {"G": G, "prompt_len": P, "completion_lens": lens, "trained_tokens": sum(lens)},
         "layouts": res,
         "ideal_ratio_positions_a_over_c": round(ideal, 2),
