@@ -328,7 +328,9 @@ class NativeSampler:
         return self._static_caches[key]
 
     def close(self) -> None:
-        """Nothing to release: the sampling model is the policy or a plain copy of it."""
+        """Drops the caches kept per shape on CUDA (the model is the policy or a plain copy
+        of it: nothing else to release)."""
+        self._static_caches.clear()
 
     @torch.no_grad()
     def sync_weights(self, policy: nn.Module) -> None:
