@@ -178,7 +178,7 @@ class GRPORecipe:
             pad_id=self.tokenizer.pad_id,
         )
         # Rollout correction "auto": on for engines whose logprobs are not the trainer's.
-        self.loss.resolve_auto(getattr(self.sampler, "logprobs_match_trainer", True))
+        self.loss.resolve_auto(self.sampler.logprobs_match_trainer)
         self.reference = reference_for(
             self.model, lora=self.is_lora, beta=self.loss.beta, offload_to_cpu=self.reference_on_cpu
         )

@@ -27,7 +27,7 @@ class Completion:
 
     @property
     def finish_reason(self) -> str:
-        """"stop" (a stop token ended it) or "length" (cut at max_new_tokens), as in vLLM."""
+        """The vLLM name of why it ended: "stop" (a stop token) or "length" (max_new_tokens)."""
         return "stop" if self.finished else "length"
 
 

@@ -70,6 +70,9 @@ class NativeSampler:
             with ``compile`` each is one compiled graph.
     """
 
+    # The same model and fp32 math as the trainer: behaviour logprobs match the trainer's to ~1e-5.
+    logprobs_match_trainer = True
+
     def __init__(
         self,
         model: TransformerDecoder,
