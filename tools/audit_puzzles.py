@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     results, rechecks, failed = {}, {}, False
     for path in args.files:
         recs = read_puzzles(path)
-        results[path.name] = audit(recs)
-        for kind, r in results[path.name].items():
+        results[str(path)] = audit(recs)
+        for kind, r in results[str(path)].items():
             if 100 * r["worst_excess"] > args.bound:
                 failed = True
-                print(f"{path.name}: {kind}: {r['worst']} beats chance by "
+                print(f"{path}: {kind}: {r['worst']} beats chance by "
                       f"{100 * r['worst_excess']:.1f} points", file=sys.stderr)  # fmt: skip
         if args.recheck:
             t0, bad = time.perf_counter(), {}
@@ -51,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
                 problems = recheck(rec, minimal=args.minimal)
                 if problems:
                     bad[rec.get("id", "?")] = problems
-            rechecks[path.name] = {"records": len(recs), "failed": bad, "minimal": args.minimal,
+            rechecks[str(path)] = {"records": len(recs), "failed": bad, "minimal": args.minimal,
                                    "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
             failed |= bool(bad)
-            print(f"{path.name}: re-check {len(recs) - len(bad)}/{len(recs)} passed "
-                  f"({rechecks[path.name]['seconds']} s)", file=sys.stderr)  # fmt: skip
+            print(f"{path}: re-check {len(recs) - len(bad)}/{len(recs)} passed "
+                  f"({rechecks[str(path)]['seconds']} s)", file=sys.stderr)  # fmt: skip
     table = markdown_table(results)
     print(table)
     if args.json:
