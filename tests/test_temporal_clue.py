@@ -211,7 +211,7 @@ def test_shipped_sets_sizes_difficulties_and_disjointness(shipped):
     assert len(shipped["validation"]) == len(shipped["test"]) == 64
     assert 100 <= len(shipped["train"]) <= 1000
     for split, recs in shipped.items():
-        levels = {7, 8, 9, 10} if split.startswith("large") else {1, 2, 3, 4, 5, 6}
+        levels = {7, 8, 9} if split.startswith("large") else {1, 2, 3, 4, 5, 6}
         assert {r["players"] for r in recs} == levels, split
         assert all(r["generator_version"] == GENERATOR_VERSION for r in recs), split
         assert all(r["schema_version"] == SCHEMA_VERSION for r in recs), split
