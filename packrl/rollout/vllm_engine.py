@@ -25,8 +25,10 @@ applied. With truncation vLLM reports the renormalised truncated distribution in
 engine refuses ``top_p < 1`` and ``top_k`` (use the native sampler for those).
 """
 
+import contextlib
 import inspect
 import json
+import logging
 import os
 import random
 import shutil
@@ -84,6 +86,31 @@ def _import_vllm():
     except ImportError as e:
         raise ImportError(f"{VLLM_INSTALL_HINT} ({e})") from e
     return vllm
+
+
+class _WeightlessModuleFilter(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" warning. vLLM's layer-wise
+    reload warns for every module that received no weights, and a rotary embedding has none:
+    its cos/sin cache is computed, not loaded. Harmless: after a sync the sampler's logprobs
+    match the trainer's (rollout/logprob_drift about 5e-6; tests/test_vllm_engine.py). Other
+    projects that reload weights into vLLM report the same warning as harmless."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_weightless_modules() -> Iterator[None]:
+    """Install ``_WeightlessModuleFilter`` on vLLM's log handlers for the duration."""
+    handlers = logging.getLogger("vllm").handlers
+    quiet = _WeightlessModuleFilter()
+    for handler in handlers:
+        handler.addFilter(quiet)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(quiet)
 
 
 def _plain_name(name: str) -> str:
@@ -306,9 +333,10 @@ class VLLMSampler:
         if adapters:
             self._sync_adapter(adapters)
         else:
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_iterator": self._hf_weights(policy)}
-            )
+            with _quiet_weightless_modules():
+                self.llm.collective_rpc(
+                    "reload_weights", kwargs={"weights_iterator": self._hf_weights(policy)}
+                )
             self.llm.reset_prefix_cache()
 
     def _hf_weights(self, policy: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
