@@ -24,7 +24,6 @@ row. The loss weights come from the whole batch, so the summed gradient equals o
 from __future__ import annotations
 
 import functools
-import hashlib
 import sys
 import time
 import warnings
@@ -49,6 +48,7 @@ from packrl.checkpointing import (
     save_checkpoint,
     saved_config,
 )
+from packrl.evaluation import eval_metrics, evaluate_prompts
 from packrl.models.weights import load_base_weights
 from packrl.packed.attention import BLOCK_SIZE, packed_block_mask, use_packed_attention
 from packrl.packed.logprobs import packed_logprobs
@@ -57,7 +57,7 @@ from packrl.rewards import TrainerState
 from packrl.rl.advantages import assign_advantages
 from packrl.rl.loss import LossStats
 from packrl.rl.reference import reference_for
-from packrl.rollout.collect import GroupScorer, collect_rollouts
+from packrl.rollout.collect import GroupScorer, collect_rollouts, prompt_seed
 from packrl.rollout.group import GroupRollout
 from packrl.tasks.checks import check_task_rows
 from packrl.training.config_schema import ConfigError, validate_config, with_defaults
@@ -406,7 +406,7 @@ class GRPORecipe:
                 self.scorer,
                 rows,
                 self.prompt_ids(rows),
-                [_prompt_seed(self.seed, self.step, drawn + i) for i in range(len(rows))],
+                [prompt_seed(self.seed, self.step, drawn + i) for i in range(len(rows))],
                 TrainerState(global_step=self.step, max_steps=self.max_steps),
                 num_samples=self.group_size,
                 max_new_tokens=self.max_new_tokens,
@@ -551,21 +551,22 @@ class GRPORecipe:
     def evaluate(self, **sampling: Any) -> dict[str, float]:
         """Accuracy on the task's held-out rows at the `eval` section's sampling settings
         (default: greedy), or with `sampling` (e.g. temperature, num_samples) overriding
-        them. Fixed seeds: two evaluations of the same weights agree."""
+        them. The evaluation recipe's code path (`packrl.evaluation`), with its fixed seeds:
+        two evaluations of the same weights agree, here and in `recipes/evaluate.py`."""
         rows = list(self.task.eval)[: self.eval_rows]
         if not rows:
             return {}
         sampling = {**self.eval_sampling, **sampling}
-        rollouts = collect_rollouts(
+        groups = evaluate_prompts(
             self.sampler,
             self.scorer,
             rows,
             self.prompt_ids(rows),
-            [_prompt_seed(self.seed, -1, i) for i in range(len(rows))],
-            TrainerState(global_step=self.step, max_steps=self.max_steps),
+            seed=self.seed,
+            trainer_state=TrainerState(global_step=self.step, max_steps=self.max_steps),
             **sampling,
         )
-        metrics = rollout_metrics(rollouts.groups)
+        metrics = eval_metrics(groups, difficulty_key=None)
         suffix = "" if sampling["temperature"] == 0 else "_sampled"
         return {
             f"eval/accuracy{suffix}": metrics["accuracy"],
@@ -673,12 +674,6 @@ def _instantiate(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
 def _epoch_order(seed: int, num: int) -> list[int]:
     """The order of the training rows in one epoch: a permutation fixed by its seed."""
     return torch.randperm(num, generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _prompt_seed(seed: int, step: int, index: int) -> int:
-    """The sampling seed of prompt `index` at `step` (-1: evaluation), in [0, 2**56)."""
-    key = f"{seed}:{step}:{index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
 
 
 @config.parse

@@ -23,12 +23,13 @@ from packrl.evaluation.pass_at_k import mean_pass_at_k
 from packrl.evaluation.questions import question_kind, question_texts
 from packrl.models.smollm2 import load_hf_checkpoint
 from packrl.rollout.base import Completion
+from packrl.rollout.collect import prompt_seed
 from packrl.rollout.group import GroupRollout
 from packrl.tasks.temporal_clue.files import read_puzzles
 from packrl.tasks.temporal_clue.task import puzzle_rows
 from packrl.training.config_schema import ConfigError
 from recipes.evaluate import EvalRecipe
-from recipes.grpo import GRPORecipe, _prompt_seed
+from recipes.grpo import GRPORecipe
 
 ARITH_EVAL = ROOT / "tune_configs/eval_smollm2_arithmetic_cpu.yaml"
 TC_EVAL = ROOT / "tune_configs/eval_smollm2_temporal_clue_cpu.yaml"
@@ -128,7 +129,7 @@ def test_question_kinds_match_every_shipped_puzzle():
 
 def test_eval_seed_is_the_grpo_recipes_eval_seed():
     for seed, i in [(0, 0), (0, 7), (123, 49)]:
-        assert eval_seed(seed, i) == _prompt_seed(seed, -1, i)
+        assert eval_seed(seed, i) == prompt_seed(seed, -1, i)
 
 
 # -------------------------------------------------------------------------------- adapters

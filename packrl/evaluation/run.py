@@ -12,7 +12,6 @@ change the samples.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from packrl.rewards import TrainerState
 from packrl.rollout.base import Sampler
-from packrl.rollout.collect import GroupScorer, collect_rollouts
+from packrl.rollout.collect import GroupScorer, collect_rollouts, prompt_seed
 from packrl.rollout.group import GroupRollout
 
 # Prompts per chunk when the sampler does not say how many sequences it decodes at once.
@@ -28,10 +27,9 @@ DEFAULT_CHUNK_SEQUENCES = 64
 
 
 def eval_seed(seed: int, index: int) -> int:
-    """The sampling seed of evaluation prompt ``index``, in [0, 2**56): BLAKE2b of
-    ``"{seed}:-1:{index}"``, the GRPO recipe's per-prompt seed at step -1 (evaluation)."""
-    key = f"{seed}:-1:{index}".encode()
-    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
+    """The sampling seed of evaluation prompt ``index``: the GRPO recipe's per-prompt seed at
+    step -1 (``prompt_seed(seed, -1, index)``)."""
+    return prompt_seed(seed, -1, index)
 
 
 def chunk_size(sampler: Sampler, num_samples: int) -> int:

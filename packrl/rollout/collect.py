@@ -9,6 +9,7 @@ depend on the number of ranks. Without a process group the gather is a no-op.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,14 @@ from packrl.rollout.base import Sampler
 from packrl.rollout.group import GroupRollout
 from packrl.tasks.base import RewardFn
 from packrl.training.distributed import gather_objects, world
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of prompt ``index`` at ``step`` (-1: evaluation), in [0, 2**56): the
+    first 7 bytes of BLAKE2b("{seed}:{step}:{index}"). It depends only on these three, so a
+    resumed run, or a run on any number of ranks, samples the same tokens."""
+    key = f"{seed}:{step}:{index}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "big")
 
 
 class GroupScorer:
