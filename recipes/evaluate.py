@@ -44,7 +44,7 @@ from packrl.evaluation.report import markdown_report, plot_accuracy_by_difficult
 from packrl.evaluation.run import evaluate_prompts
 from packrl.evaluation.samples import SampleStore
 from packrl.rewards import TrainerState
-from packrl.rollout.collect import GroupScorer
+from packrl.training.components import build_scorer, instantiate
 from packrl.training.config_schema import ConfigError, validate_config, with_defaults
 
 log = utils.get_logger("INFO")
@@ -94,7 +94,7 @@ class EvalRecipe:
         if len(set(names)) != len(names):
             raise ConfigError(f"'models': names must differ (they name files), got {names}")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.tokenizer = _instantiate(cfg, "tokenizer")
+        self.tokenizer = instantiate(cfg, "tokenizer")
         self.task = _instantiate_task(cfg)
         rows = list(self.task.eval if cfg.split == "eval" else self.task.train)
         self.rows = rows[: cfg.num_rows] if cfg.num_rows is not None else rows
@@ -120,7 +120,7 @@ class EvalRecipe:
                 f"'difficulty_key'={self.column!r}: no row of task {self.task.name!r} has that "
                 f"column (it has {sorted(self.rows[0])}); use auto or null"
             )
-        self.scorer = self._setup_scorer()
+        self.scorer = build_scorer(cfg, self.task, self.tokenizer.decode)
         self.settings = {
             "task": self.task.name,
             "split": cfg.split,
@@ -139,21 +139,10 @@ class EvalRecipe:
             f"(temperature {self.sampling['temperature']}), output {self.output_dir}"
         )
 
-    def _setup_scorer(self) -> GroupScorer:
-        """The task's reward functions and weights, unless the config names its own."""
-        section = self.cfg.rewards
-        defaults = {}
-        if section.get("reward_funcs") is None:
-            defaults["reward_funcs"] = list(self.task.reward_funcs)
-            if section.get("weights") is None:
-                defaults["weights"] = list(self.task.reward_weights)
-        rewards = _instantiate(self.cfg, "rewards", **defaults)
-        return GroupScorer(rewards, self.tokenizer.decode, self.task.accuracy_func)
-
     def _load(self, source: ModelSource) -> tuple[torch.nn.Module, Any]:
         """The entry's model (weights loaded, eval mode) and a sampler serving it."""
         with training.set_default_dtype(self.dtype), self.device:
-            model = _instantiate(self.cfg, "model")
+            model = instantiate(self.cfg, "model")
         load_weights(model, source)
         model.eval().requires_grad_(False)
         section = self.cfg.sampler
@@ -162,7 +151,7 @@ class EvalRecipe:
         reads_files = "checkpoint_dir" in _parameters(target)  # vLLM starts from files
         if reads_files and section.get("checkpoint_dir") is None:
             extra["checkpoint_dir"] = str(source.weights_dir)
-        sampler = _instantiate(
+        sampler = instantiate(
             self.cfg,
             "sampler",
             model,
@@ -254,15 +243,6 @@ def _parameters(target: Any) -> set[str]:
 def _digest(value: Any) -> str:
     """SHA-256 of a JSON value: which prompts were evaluated, in a few bytes."""
     return hashlib.sha256(json.dumps(value).encode()).hexdigest()[:16]
-
-
-def _instantiate(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
-    """`config.instantiate(cfg[key], ...)`; a ValueError from the component names its key."""
-    section = cfg[key]
-    try:
-        return config.instantiate(section, *args, **kwargs)
-    except ValueError as e:
-        raise ConfigError(f"'{key}' ({section._component_}): {e}") from e
 
 
 def _instantiate_task(cfg: DictConfig) -> Any:

@@ -57,9 +57,10 @@ from packrl.rewards import TrainerState
 from packrl.rl.advantages import assign_advantages
 from packrl.rl.loss import LossStats
 from packrl.rl.reference import reference_for
-from packrl.rollout.collect import GroupScorer, collect_rollouts, prompt_seed
+from packrl.rollout.collect import collect_rollouts, prompt_seed
 from packrl.rollout.group import GroupRollout
 from packrl.tasks.checks import check_task_rows
+from packrl.training.components import build_scorer, instantiate
 from packrl.training.config_schema import ConfigError, validate_config, with_defaults
 from packrl.training.distributed import all_reduce, full_tensor, gather_objects, world
 from packrl.training.memory import activation_bytes, default_activation_budget
@@ -157,20 +158,20 @@ class GRPORecipe:
                 "is sharded across the ranks like the policy, which divides its memory by the "
                 "number of ranks; set grpo.reference_on_cpu: false."
             )
-        self.loss = _instantiate(cfg, "loss")  # cheap and checked first: its errors name keys
+        self.loss = instantiate(cfg, "loss")  # cheap and checked first: its errors name keys
         self.run_lock = self._claim_output_dir()
-        self.tokenizer = _instantiate(cfg, "tokenizer")
+        self.tokenizer = instantiate(cfg, "tokenizer")
         self.task = check_task_rows(
-            _instantiate(cfg, "task"),
+            instantiate(cfg, "task"),
             lambda row: len(self.prompt_ids([row])[0]),
             max_new_tokens=self.max_new_tokens,
             row_len=self.row_len,
             prompts_per_step=self.prompts_per_step,
             long_prompts=cfg.packing.long_prompts,
         )
-        self.scorer = self._setup_scorer()
+        self.scorer = build_scorer(cfg, self.task, self.tokenizer.decode)
         self.model, self.is_lora = self._setup_model()
-        self.sampler = _instantiate(
+        self.sampler = instantiate(
             cfg,
             "sampler",
             self.model,
@@ -188,8 +189,8 @@ class GRPORecipe:
             if self.reference is not None and self.reference.model is not self.model:
                 self._shard(self.reference.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = _instantiate(cfg, "optimizer", trainable)
-        self.lr_scheduler = _instantiate(
+        self.optimizer = instantiate(cfg, "optimizer", trainable)
+        self.lr_scheduler = instantiate(
             cfg, "lr_scheduler", self.optimizer, num_training_steps=self.max_steps * self.num_passes
         )
         if self.resume:
@@ -197,7 +198,7 @@ class GRPORecipe:
         self.activations_ctx = self._activation_offloading()
         if not self.is_rank_zero:
             return  # rank 0 alone logs
-        self.metric_logger = _instantiate(cfg, "metric_logger")
+        self.metric_logger = instantiate(cfg, "metric_logger")
         self.metric_logger.log_config(cfg)
         self.metrics_file = JsonlWriter(self.output_dir / "metrics.jsonl")
         self.samples_file = JsonlWriter(self.output_dir / "completions.jsonl")
@@ -243,8 +244,8 @@ class GRPORecipe:
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.seed)
             with training.set_default_dtype(self.dtype), self.device:
-                model = _instantiate(cfg, "model")
-        checkpointer = _instantiate(cfg, "checkpointer")
+                model = instantiate(cfg, "model")
+        checkpointer = instantiate(cfg, "checkpointer")
         state_dict = checkpointer.load_checkpoint()[training.MODEL_KEY]
         load_base_weights(
             model,
@@ -301,17 +302,6 @@ class GRPORecipe:
             cpu_offload=False,
             reshard_after_forward=True,
         )
-
-    def _setup_scorer(self) -> GroupScorer:
-        """The task's reward functions and weights, unless the config names its own."""
-        section = self.cfg.rewards
-        defaults = {}
-        if section.get("reward_funcs") is None:
-            defaults["reward_funcs"] = list(self.task.reward_funcs)
-            if section.get("weights") is None:
-                defaults["weights"] = list(self.task.reward_weights)
-        rewards = _instantiate(self.cfg, "rewards", **defaults)
-        return GroupScorer(rewards, self.tokenizer.decode, self.task.accuracy_func)
 
     def _activation_offloading(self):
         enabled = self.cfg.enable_activation_offloading
@@ -654,20 +644,6 @@ class GRPORecipe:
         print(f"logs:       {self.metrics_file.path} (completions: {self.samples_file.path})")
         if plot is not None:
             print(f"plot:       {plot}", flush=True)
-
-
-def _instantiate(cfg: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
-    """`config.instantiate(cfg[key], ...)`; a ValueError from the component names its key."""
-    section = cfg[key]
-    if section is None:
-        return None
-    try:
-        return config.instantiate(section, *args, **kwargs)
-    except ValueError as e:
-        # Components name the argument first ("epsilon_low must be ..."): name the full key.
-        arg, _, rest = str(e).partition(" ")
-        where = f"'{key}.{arg}'" if arg in section else f"'{key}' ({section._component_}):"
-        raise ConfigError(f"{where} {rest if arg in section else e}") from e
 
 
 @functools.cache
