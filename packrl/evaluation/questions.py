@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from packrl.tasks.math import completion_text
+from packrl.tasks.base import completion_text
 from packrl.tasks.shaping import prompt_opens_think
 from packrl.tasks.temporal_clue.grader import grade
 from packrl.tasks.temporal_clue.scenario import VICTIM

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from packrl.evaluation.metrics import sort_key
+from packrl.training.metrics import save_figure
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -107,9 +108,4 @@ def plot_accuracy_by_difficulty(
     ax.set_title(title or "accuracy by difficulty")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, dpi=100)

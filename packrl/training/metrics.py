@@ -95,10 +95,17 @@ def plot_metrics(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    return save_figure(fig, out_png, dpi=120)
+
+
+def save_figure(fig: Any, out_png: str | Path, dpi: int = 100) -> Path:
+    """Lay out, write (parent folders made) and close a matplotlib figure; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
 

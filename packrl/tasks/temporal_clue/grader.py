@@ -33,7 +33,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from packrl.tasks.math import completion_text, graded_text
+from packrl.tasks.base import completion_text
+from packrl.tasks.math import graded_text
 from packrl.tasks.shaping import prompt_opens_think
 
 # Decoration before the letter (quote, heading, bullet, list number), the letter (maybe in
