@@ -11,8 +11,8 @@ from torch import nn
 # Elements each transformer layer keeps per token for the backward pass of a llama-style
 # block (norm inputs, q/k/v/o projections, attention output, SwiGLU gate/up/down inputs):
 # about 10 * embed_dim + 2 * intermediate_dim. Calibrated on SmolLM2-135M in fp32 (D = 576,
-# I = 1536, 30 layers): checkpointing off minus on, 1,024 tokens, measured 1.07 GB against
-# 1.09 GB from this formula (2026-11-30, peak RSS of one forward + backward).
+# I = 1536, 30 layers), 1,024 tokens: checkpointing saves 1.11 GiB measured, against 1.01 GiB
+# from this formula (tools/bench_activation_memory.py, docs/benchmarks.md, 2026-11-30).
 _PER_TOKEN_LAYER = (10, 2)  # (x embed_dim, x intermediate_dim)
 
 
