@@ -226,10 +226,17 @@ def _subject(rng: random.Random, w: World, people: bool = True, things: bool = T
 
 
 def _pair(rng: random.Random, w: World) -> tuple[Subject, Subject]:
-    """Two random subjects that refer to different suspects/weapons."""
+    """Two random subjects that refer to different suspects/weapons (or the victim).
+
+    When the victim walks, the second one is him 15% of the time: his own clues ("was in",
+    "moved") cannot say that he stayed put, so without these a question about where he
+    was can be impossible to settle.
+    """
     while True:
         s1 = _subject(rng, w, things=rng.random() < 0.3)
         s2 = _subject(rng, w)
+        if w.victim_rooms and rng.random() < 0.15:
+            s2 = {"type": "victim"}
         if _entity(s1, w) != _entity(s2, w):
             return s1, s2
 
@@ -237,7 +244,10 @@ def _pair(rng: random.Random, w: World) -> tuple[Subject, Subject]:
 def _atom(rng: random.Random, w: World, truth: bool) -> Clue:
     """A random at/motive statement with the given truth value."""
     if w.victim_rooms and rng.random() < 0.15:  # a fact about the murder itself
-        what = rng.choice(["weapon", "room", "time"])
+        # Never a true "killed with the X": it would settle the weapon without naming the
+        # other weapons, and every weapon must be named (selection.must_name); false ones
+        # ("not killed with") name the weapon they rule out.
+        what = rng.choice(["weapon", "room", "time"] if not truth else ["room", "time"])
         key = {"weapon": w.weapon, "room": w.room, "time": w.time}[what]
         values = {"weapon": w.weapons, "room": w.rooms, "time": w.times}[what]
         value = key if truth else rng.choice([v for v in values if v != key])
