@@ -116,10 +116,14 @@ def test_errors_are_collected():
             "'grpo.max_new_tokens' (1024) must be below 'packing.row_len'",
         ),
         ("loss.epsilon_low", "x", "'loss.epsilon_low' must be int or float, got str 'x'"),
+        ("mixed_precision", "fp16", "'mixed_precision' must be one of [None, 'bf16'], got 'fp16'"),
+        ("dtype", "bf16", "'mixed_precision: bf16' computes in bf16 over fp32 weights"),
     ],
 )
 def test_out_of_range_value_is_named_with_its_range(key, value, message):
     cfg = _cpu_config()
+    if key == "dtype":  # the relation with mixed_precision
+        OmegaConf.update(cfg, "mixed_precision", "bf16", force_add=True)
     OmegaConf.update(cfg, key, value, force_add=True)
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)

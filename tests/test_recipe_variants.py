@@ -18,6 +18,7 @@ VARIANTS = {
     "dynamic_sampling": {"grpo.dynamic_sampling": True, "grpo.max_sampling_rounds": 3},
     "overlong": {"loss.mask_truncated_completions": True, "loss.loss_type": "dapo"},
     "batch_scaling": {"grpo.scale_rewards": "batch"},
+    "bf16": {"mixed_precision": "bf16", "sampler.dtype": "bf16"},
 }  # fmt: skip
 
 
@@ -46,6 +47,10 @@ def test_variant_runs_two_steps(tmp_path, tiny_model_dir, name):
     if name == "rollout_correction":  # native sampler: trainer and sampler agree
         assert metrics[1]["loss/is_weight_mean"] == pytest.approx(1.0, abs=1e-3)
         assert metrics[1]["loss/is_truncated_frac"] == 0.0
+    if name == "bf16":  # bf16 sampler: rollout correction "auto" is on, the drift is visible
+        assert 0 < metrics[1]["rollout/logprob_drift"] < 0.1
+        assert 0.8 < metrics[1]["loss/is_weight_mean"] < 1.2
+        assert metrics[1]["loss/is_weight_mean"] != 1.0  # exactly 1 when the correction is off
     if name == "dynamic_sampling":
         assert all(m["rollout/prompts_drawn"] in (2, 4, 6) for m in metrics.values())
         assert all(m["groups_kept"] <= 2 for m in metrics.values())

@@ -195,6 +195,38 @@ def test_sync_weights_copies_a_policy_into_the_sampling_model(tiny):
     assert after == expect and after != before
 
 
+def test_bf16_decoding_keeps_a_synced_copy_and_flags_its_logprobs(tiny):
+    import copy
+
+    policy = copy.deepcopy(tiny)
+    sampler = Eager(policy, stop_token_ids=[], pad_id=PAD, dtype="bf16")
+    assert not sampler.logprobs_match_trainer  # so rollout correction "auto" turns on
+    assert Eager(policy, stop_token_ids=[], pad_id=PAD, dtype="fp32").logprobs_match_trainer
+    assert sampler.model is not policy
+    dtypes = {n: p.dtype for n, p in sampler.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if "norm" not in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "norm" in n} == {torch.float32}  # RMSNorm is fp32
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}  # the policy is untouched
+    out = sampler.generate(PROMPTS, num_samples=3, max_new_tokens=12, temperature=0.7, seed=3)
+    # Behaviour logprobs are the bf16 model's: near the fp32 policy's, not equal to them.
+    diffs = []
+    for prompt, samples in zip(PROMPTS, out, strict=True):
+        for c in samples:
+            ref = full_logprobs(policy, prompt, c.token_ids, temperature=0.7)
+            diffs.append((torch.tensor(c.logprobs) - ref).abs())
+    diffs = torch.cat(diffs)
+    assert 0 < diffs.max() < 0.25 and diffs.mean() < 0.05, diffs
+    # An update of the fp32 policy reaches the bf16 copy through sync_weights.
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sampler.sync_weights(policy)
+    for a, b in zip(sampler.model.parameters(), policy.parameters(), strict=True):
+        assert torch.equal(a, b.to(a.dtype))
+    with pytest.raises(ValueError, match="dtype"):
+        Eager(policy, stop_token_ids=[], pad_id=PAD, dtype="fp12")
+
+
 def test_top_k_1_and_tiny_top_p_equal_greedy(tiny):
     sampler = Eager(tiny, stop_token_ids=[], pad_id=PAD)
     greedy = sampler.generate(PROMPTS, num_samples=2, max_new_tokens=10, temperature=0)

@@ -1,12 +1,13 @@
-"""Rollout throughput at the CPU demo shape: eager vs compiled native sampler vs transformers.
+"""Rollout throughput at the CPU demo shape: native sampler (eager, compiled, fp32, bf16) vs transformers.
 
     python tools/bench_rollout.py --json outputs/bench_rollout.json
 
 Generates 4 short arithmetic chat prompts (~56 tokens) x 8 samples x 64 new tokens (the GRPO
-CPU demo's rollout, SmolLM2-135M-Instruct fp32) three ways, interleaved, ``--repeats`` times:
-the native sampler with its eager decode step, the same sampler with the compiled step
-(``compile=True``), and transformers' ``generate`` (default dynamic cache, the same prompts
-left-padded, ``num_return_sequences``) as the generic baseline. The JSON holds per-variant
+CPU demo's rollout, SmolLM2-135M-Instruct, weights loaded in fp32) five ways, interleaved,
+``--repeats`` times: the native sampler with its eager decode step in fp32 and in bf16
+(``dtype="bf16"``: a bf16 copy of the model decodes), the same two with the compiled step
+(``compile=True``), and transformers' ``generate`` (fp32, default dynamic cache, the same
+prompts left-padded, ``num_return_sequences``) as the generic baseline. The JSON holds per-variant
 medians of generated tokens per second (stop tokens included, as in training), the ratios,
 the load average, and the compile cost apart from the timed runs: the first compile in this
 process (``compile.first_s``: cold when the inductor cache directory is empty, e.g. with
@@ -212,14 +213,20 @@ def main() -> None:
 
     compile_s = compile_cost(model, tokenizer, prompts, args)
     samplers = {
-        name: NativeSampler(
+        f"native_{name}": NativeSampler(
             model,
             stop_token_ids=tokenizer.stop_token_ids,
             pad_id=tokenizer.pad_id,
             max_batch_size=args.prompts * args.samples,
             compile=compiled,
+            dtype=dtype,
         )
-        for name, compiled in (("native_eager", False), ("native_compiled", True))
+        for name, compiled, dtype in (
+            ("eager", False, "fp32"),
+            ("compiled", True, "fp32"),
+            ("bf16_eager", False, "bf16"),
+            ("bf16_compiled", True, "bf16"),
+        )
     }
     variants = {
         name: (lambda seed, s=sampler: run_native(s, prompts, args, seed))
@@ -242,8 +249,12 @@ def main() -> None:
         "transformers_version": transformers.__version__,
         "compile": compile_s,
         "compiled_over_eager": rate["native_compiled"] / rate["native_eager"],
-        "compiled_over_transformers": rate["native_compiled"] / rate["transformers_generate"],
-        "eager_over_transformers": rate["native_eager"] / rate["transformers_generate"],
+        "bf16_over_fp32_eager": rate["native_bf16_eager"] / rate["native_eager"],
+        **{
+            f"{name.removeprefix('native_')}_over_transformers": rate[name]
+            / rate["transformers_generate"]
+            for name in samplers
+        },
         # GRPO steps (one such rollout each) after which the first compile has paid for itself.
         "compile_paid_back_after_rollouts": compile_s["first_s"] / saved if saved > 0 else None,
         "results": results,

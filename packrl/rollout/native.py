@@ -29,7 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torchtune.modules import TransformerDecoder
+from torchtune.modules import RMSNorm, TransformerDecoder
+from torchtune.training import get_dtype
 from tqdm.auto import tqdm
 
 from packrl.rollout.base import Completion, check_generate_args, prompt_seeds
@@ -62,16 +63,22 @@ class NativeSampler:
         compile: run the decode step through ``torch.compile`` (one graph per batch size,
             cache length and sampling setting; CUDA graphs on CUDA). False runs the same step
             eagerly: no compile time, more per-step overhead.
+        dtype: the precision decoding runs in: ``"fp32"``, ``"bf16"`` (torchtune's names) or
+            None for the model's own. Another precision than the model's keeps a cast copy
+            of the model for decoding (refreshed by ``sync_weights``): bf16 halves the bytes
+            each decode step reads, ~1.8x faster on a CPU with AVX512-BF16
+            (docs/benchmarks.md). Its behaviour logprobs are then not the trainer's
+            (``logprobs_match_trainer`` is False), so the loss's rollout correction "auto"
+            turns on, as for vLLM.
 
     Attributes:
+        logprobs_match_trainer: True when decoding runs in the model's own precision (the
+            same model and math as the trainer: behaviour logprobs match its to ~1e-5).
         compile_seconds: wall time of the decode steps that compiled a new graph (each such
             step's own compute included), summed over the sampler's life.
         step_shapes: the (batch, cache length, temperature, top_p, top_k) keys seen so far;
             with ``compile`` each is one compiled graph.
     """
-
-    # The same model and fp32 math as the trainer: behaviour logprobs match the trainer's to ~1e-5.
-    logprobs_match_trainer = True
 
     def __init__(
         self,
@@ -81,6 +88,7 @@ class NativeSampler:
         pad_id: int,
         max_batch_size: int = 64,
         compile: bool = False,
+        dtype: str | torch.dtype | None = None,
     ) -> None:
         if not isinstance(model, TransformerDecoder):
             raise TypeError(
@@ -92,9 +100,23 @@ class NativeSampler:
                 raise ValueError(f"{name}: token ids must be ints in [0, {vocab_size}), got {ids}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size: must be >= 1, got {max_batch_size}")
+        model_dtype = model.tok_embeddings.weight.dtype
+        try:
+            decode_dtype = model_dtype if dtype is None else get_dtype(dtype, torch.device("cpu"))
+        except ValueError as e:
+            raise ValueError(f"dtype: {e} (use 'fp32', 'bf16' or null)") from None
+        self.logprobs_match_trainer = decode_dtype == model_dtype
         # Under torchrun the recipe shards the policy after building the sampler; decoding
-        # then runs on this unsharded copy, refreshed by sync_weights after each update.
-        self.model = copy.deepcopy(model) if world()[0] > 1 else model
+        # then runs on this unsharded copy, refreshed by sync_weights after each update. The
+        # same holds for a copy in another precision.
+        if world()[0] > 1 or decode_dtype != model_dtype:
+            self.model = copy.deepcopy(model).to(decode_dtype)
+            self.model.requires_grad_(False)
+            for m in self.model.modules():
+                if isinstance(m, RMSNorm):
+                    m.float()  # torchtune's RMSNorm computes in fp32: fp32 scales keep it fused
+        else:
+            self.model = model
         self._layers = self_attention_layers(self.model)
         self.stop_token_ids = list(stop_token_ids)
         self.pad_id = pad_id
@@ -337,10 +359,11 @@ class NativeSampler:
 
     @torch.no_grad()
     def sync_weights(self, policy: nn.Module) -> None:
-        """Copy `policy`'s trainable weights into the sampling model, unless it is the policy
-        itself (one device: nothing to do). Under FSDP the sampler holds an unsharded copy,
-        because decoding through sharded layers would all-gather each layer for every token,
-        in lockstep on all ranks; the shards are gathered here once per optimizer step."""
+        """Copy `policy`'s trainable weights into the sampling model (cast to its precision),
+        unless it is the policy itself (one device, same precision: nothing to do). Under FSDP
+        the sampler holds an unsharded copy, because decoding through sharded layers would
+        all-gather each layer for every token, in lockstep on all ranks; the shards are
+        gathered here once per optimizer step."""
         if policy is self.model:
             return
         own = dict(full_parameters(self.model))  # views of the sampling model's parameters

@@ -102,6 +102,11 @@ GRPO_SCHEMA: Schema = {
     "seed": Value((int,) + OPT, required=True),
     "device": Value((str,), required=True),
     "dtype": Value((str,), required=True, choices=("fp32", "bf16")),
+    "mixed_precision": Value(
+        (str,) + OPT,
+        choices=(None, "bf16"),
+        hint="bf16: fp32 weights and optimizer, bf16 matmuls in training (torch.autocast)",
+    ),
     "max_steps": Value((int,), required=True, ge=1),
     "model": Component(),
     "tokenizer": Component(),
@@ -174,6 +179,12 @@ def _relations(cfg: Mapping[str, Any]) -> list[str]:
         errors.append(
             f"'grpo.max_new_tokens' ({new}) must be below 'packing.row_len' ({row_len}): a row "
             "holds a prompt and its completions; raise packing.row_len or lower max_new_tokens"
+        )
+    if cfg.get("mixed_precision") is not None and cfg.get("dtype") != "fp32":
+        errors.append(
+            f"'mixed_precision: {cfg['mixed_precision']}' computes in bf16 over fp32 weights, "
+            f"so it needs 'dtype: fp32' (got {cfg.get('dtype')!r}); with dtype: bf16 everything "
+            "is bf16 already: set mixed_precision: null"
         )
     return errors
 
