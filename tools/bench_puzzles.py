@@ -3,6 +3,7 @@
     python tools/bench_puzzles.py --players 1-10 --n 10 --json bench_puzzles.json
     python tools/bench_puzzles.py --n 5 --compare-defaults   # A/B against CP-SAT defaults
     python tools/bench_puzzles.py --players 8 --n 3 --compare-probing  # A/B: probing+symmetry on
+    python tools/bench_puzzles.py --players 9 --n 20 --timeout 300   # give up on a puzzle past 300 CPU s
 
 Puzzles are generated one at a time in this process (CP-SAT with one worker), so each
 number is single-core. Both wall-clock and CPU seconds are reported: on a loaded machine the
@@ -10,7 +11,9 @@ CPU seconds are the steadier figure. With --compare-defaults every seed is also 
 with CP-SAT's default parameters (presolve and LP relaxation on) right after the tuned run,
 interleaved, so the ratio is measured under the same load. --compare-probing does the same
 with CP-SAT's probing and symmetry detection switched back on (the tuning before generator 2).
-Words are whitespace-separated words of the prompt.
+Words are whitespace-separated words of the prompt. With --timeout, a puzzle that uses more
+CPU seconds than that is abandoned and counted as the timeout (so median/p95 are lower bounds
+then; "timeouts" says how many).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import datetime as dt
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import time
@@ -56,9 +60,26 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(s), 4), "p95": round(p95, 4), "max": round(s[-1], 4)}
 
 
-def timed(seed: int, players: int) -> tuple[float, float, dict]:
+class Timeout(Exception):
+    """A puzzle used more CPU seconds than --timeout."""
+
+
+def _on_timeout(signum, frame):
+    raise Timeout
+
+
+def timed(seed: int, players: int, timeout: float = 0) -> tuple[float, float, dict | None]:
+    """(wall s, CPU s, record), the record None past `timeout` CPU seconds (0: no limit)."""
     w0, c0 = time.perf_counter(), time.process_time()
-    rec = gen.generate_puzzle(seed, players)
+    if timeout:  # a CPU-time alarm: counts this process's time only, like the result
+        signal.signal(signal.SIGPROF, _on_timeout)
+        signal.setitimer(signal.ITIMER_PROF, timeout)
+    try:
+        rec = gen.generate_puzzle(seed, players)
+    except Timeout:
+        rec = None
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
     return time.perf_counter() - w0, time.process_time() - c0, rec
 
 
@@ -73,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time CP-SAT default parameters on the same seeds (A/B)")  # fmt: skip
     ap.add_argument("--compare-probing", action="store_true",
                     help="also time probing and symmetry detection switched on (A/B)")  # fmt: skip
+    ap.add_argument("--timeout", type=float, default=0,
+                    help="CPU seconds after which a puzzle is abandoned (default: none)")  # fmt: skip
     ap.add_argument("--json", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
     lo, _, hi = args.players.partition("-")
@@ -80,17 +103,22 @@ def main(argv: list[str] | None = None) -> None:
 
     results = {}
     for p in sizes:
-        rows: dict[str, list] = {"wall": [], "cpu": [], "clues": [], "questions": [], "conflicts": [], "solves": [], "prompt_chars": [], "words": [], "b_wall": [], "b_cpu": []}  # fmt: skip
+        rows: dict[str, list] = {"wall": [], "cpu": [], "clues": [], "questions": [], "conflicts": [], "solves": [], "prompt_chars": [], "words": [], "b_wall": [], "b_cpu": [], "timeouts": [], "worlds": []}  # fmt: skip
         for i in range(args.n):
             seed = args.seed + i
             tc_model.solver_params = TUNED
-            wall, cpu, rec = timed(seed, p)
+            wall, cpu, rec = timed(seed, p, args.timeout)
             rows["wall"].append(wall)
             rows["cpu"].append(cpu)
+            if rec is None:
+                rows["timeouts"].append(seed)
+                print(f"  players={p} seed={seed}: abandoned after {cpu:.1f} s cpu", file=sys.stderr, flush=True)  # fmt: skip
+                continue
             rows["clues"].append(rec["num_clues"])
             rows["questions"].append(len(rec["questions"]))
             rows["conflicts"].append(rec["difficulty"]["conflicts"])
-            rows["solves"].append(rec["generation"]["solves"])
+            rows["solves"].append(rec["generation"]["solves_total"])
+            rows["worlds"].append(rec["generation"]["worlds"])
             rows["prompt_chars"].append(len(rec["prompt"]))
             rows["words"].append(len(rec["prompt"].split()))
             print(f"  players={p} seed={seed}: {wall:.2f} s wall, {cpu:.2f} s cpu, "
@@ -101,8 +129,12 @@ def main(argv: list[str] | None = None) -> None:
                 rows["b_wall"].append(wall)
                 rows["b_cpu"].append(cpu)
                 tc_model.solver_params = TUNED
+        if not rows["clues"]:
+            results[p] = {"n": args.n, "timeouts": rows["timeouts"], "cpu_s": summary(rows["cpu"])}
+            continue
         res = {
             "n": args.n,
+            "timeouts": rows["timeouts"],
             "wall_s": summary(rows["wall"]),
             "cpu_s": summary(rows["cpu"]),
             "clues": {
@@ -112,7 +144,11 @@ def main(argv: list[str] | None = None) -> None:
             },  # fmt: skip
             "questions_mean": round(statistics.mean(rows["questions"]), 2),
             "search_conflicts_median": statistics.median(rows["conflicts"]),
-            "solver_calls_median": statistics.median(rows["solves"]),
+            "solver_calls_median": statistics.median(rows["solves"]),  # all worlds drawn
+            "worlds": {
+                "mean": round(statistics.mean(rows["worlds"]), 2),
+                "max": max(rows["worlds"]),
+            },
             "prompt_chars_median": statistics.median(rows["prompt_chars"]),
             "words": {"median": statistics.median(rows["words"]), "max": max(rows["words"])},
         }

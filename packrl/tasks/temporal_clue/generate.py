@@ -72,15 +72,17 @@ def generate_puzzle(seed: int, players: int = 6, config: PuzzleConfig | None = N
     """
     cfg = (config or preset(players)).check()
     rng = random.Random(seed)
-    for _ in range(max_worlds):
+    worlds, solves_total = 0, 0  # over every world drawn, the stuck ones included
+    for worlds in range(1, max_worlds + 1):  # noqa: B007 (reported below)
         w = random_world(rng, cfg)
         questions = make_questions(w, rng, cfg.bonus, cfg.bonus_kinds)
-        picked = select_clues(w, questions, cfg, rng)
-        if picked is not None:
+        clues, stats = select_clues(w, questions, cfg, rng)
+        solves_total += stats["solves"]
+        if clues is not None:
             break
     else:
         raise RuntimeError(f"seed {seed}: no puzzle found in {max_worlds} worlds")
-    clues, stats = picked
+    stats = {**stats, "worlds": worlds, "solves_total": solves_total}
     effort = search_effort(w, clues, questions)
     return {
         "id": f"tc-{config_id(cfg)}-{seed}",
