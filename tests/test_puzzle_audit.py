@@ -6,8 +6,7 @@ asked often enough to bound) and holds every name heuristic within 5 points of c
 every question kind with enough questions, plus two standard errors: on 80 questions a
 heuristic's accuracy has a standard error of about 5 points, so a bare 5-point bound would
 test the seeds, not the generator. A real leak is far larger (the weapon leak was +43 to +48
-points; "most named room" on location answers +16 to +17 before generator 3 deleted clues
-naming answer rooms first). The sample is fixed by its seeds, so the test is deterministic.
+points). The sample is fixed by its seeds, so the test is deterministic.
 """
 
 from __future__ import annotations
@@ -27,6 +26,11 @@ MIN_QUESTIONS = 40  # kinds asked fewer times than this are too noisy to bound a
 # Level-2 worlds with three location questions each: 120 location questions.
 LOCATIONS = make_config(2, bonus=3, bonus_kinds=("suspect_room", "weapon_room"))
 N_LOCATIONS = 40
+# Known open gap, not held here: on location answers the most-named room still beats chance
+# (this sample: room, suspect_room and weapon_room each +8 to +9 points, stderr 5; shipped
+# level 1-6 sets of generator 3: room +9 to +24, weapon_room +8 to +12; puzzles/README.md).
+# It passes 5 points + 2 stderr here, but is not shown below 5 points, so it is not claimed.
+OPEN_GAP = ("room", "suspect_room", "weapon_room", "victim_room")
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +60,8 @@ def test_no_name_heuristic_beats_chance_by_5_points(sample):
         if r["n"] < MIN_QUESTIONS:
             continue
         for name in BOUNDED:
+            if kind in OPEN_GAP and name == "most_named":
+                continue
             h = r["heuristics"].get(name)
             if h is not None:
                 assert h["excess"] <= 0.05 + 2 * h["stderr"], (kind, name, h, r["chance"])

@@ -33,7 +33,7 @@ from packrl.tasks.temporal_clue.files import dumps_record
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLES = ROOT / "puzzles"
 SPLITS = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl",
-          "large_validation": "large_validation.jsonl"}  # fmt: skip
+          "large_validation": "large_validation.jsonl", "large_test": "large_test.jsonl"}  # fmt: skip
 
 
 # --- generator -----------------------------------------------------------------------------
@@ -230,11 +230,12 @@ def test_shipped_clues_are_true_of_their_scenarios(shipped):
             assert all(holds(c, world) for c in r["clues"]), r["id"]
 
 
-def test_version_1_sets_are_kept_under_their_version(shipped):
-    """The sets shipped before generator 2 keep their meaning under puzzles/v1/."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_sets_are_kept_under_their_version(version):
+    """The sets shipped by generators 1 and 2 keep their meaning under puzzles/v1/, v2/."""
     for name in ("train.jsonl", "validation.jsonl", "test.jsonl"):
-        old = read_puzzles(PUZZLES / "v1" / name)
-        assert {r["generator_version"] for r in old} == {"packrl-temporal-clue/1"}
+        old = read_puzzles(PUZZLES / f"v{version}" / name)
+        assert {r["generator_version"] for r in old} == {f"packrl-temporal-clue/{version}"}
         assert {r["players"] for r in old} == {1, 2, 3, 4, 5, 6}
 
 
@@ -243,6 +244,10 @@ def test_shipped_puzzles_regenerate_from_their_seeds(shipped):
     for split in ("validation", "test", "train"):
         for rec in shipped[split][:2]:
             assert dumps_record(generate_puzzle(rec["seed"], rec["players"])) == dumps_record(rec)
+    # and the cheapest large puzzle of level 7 (a few CPU seconds)
+    rec = min((r for r in shipped["large_validation"] if r["players"] == 7),
+              key=lambda r: r["generation"]["solves_total"])  # fmt: skip
+    assert dumps_record(generate_puzzle(rec["seed"], 7)) == dumps_record(rec)
 
 
 def test_easy_prompts_fit_a_small_context(shipped, smollm2_tokenizer):

@@ -55,7 +55,8 @@ ANSWER_NAME_WEIGHT = 0.5
 # max picks the first of equals, so the order is random otherwise): a minimal set keeps a
 # clue naming the answer room only where it is needed. Without it the answer room was the
 # most-named room 31% of the time on room and suspect_room questions (chance 15-16%,
-# 120 puzzles of levels 3-6), since the clues that settle a location tend to name it.
+# 120 puzzles of levels 3-6), since the clues that settle a location tend to name it; with
+# it suspect_room is at chance, the murder room still not (docs/temporal_clue.md, step 7).
 ROOM_KINDS = ("room", "suspect_room", "weapon_room", "victim_room")
 # ... and one naming j required entities that the chosen clues do not name yet, with
 # weight NAME_BOOST**j (step 1 above).
