@@ -63,7 +63,12 @@ from packrl.tasks.checks import check_task_rows
 from packrl.training.components import build_scorer, instantiate
 from packrl.training.config_schema import ConfigError, validate_config, with_defaults
 from packrl.training.distributed import all_reduce, full_tensor, gather_objects, world
-from packrl.training.memory import activation_bytes, default_activation_budget
+from packrl.training.memory import (
+    activation_bytes,
+    checkpointed_activation_bytes,
+    default_activation_budget,
+    plan_activation_memory,
+)
 from packrl.training.metrics import (
     JsonlWriter,
     peak_memory,
@@ -207,9 +212,11 @@ class GRPORecipe:
             f"GRPO: {'LoRA' if self.is_lora else 'full'} fine-tuning of "
             f"{sum(p.numel() for p in trainable) / 1e6:.1f}M parameters on {self.device} "
             f"{f'x {self.world_size} ranks (FSDP2) ' if self.world_size > 1 else ''}"
-            f"({cfg.dtype}), task {self.task.name!r} ({len(self.task.train)} train / "
+            f"({cfg.dtype}{', bf16 mixed precision' if self.mixed_precision else ''}), "
+            f"task {self.task.name!r} ({len(self.task.train)} train / "
             f"{len(self.task.eval)} eval rows), reference: "
-            f"{'none (beta = 0)' if self.reference is None else type(self.reference).__name__}"
+            f"{'none (beta = 0)' if self.reference is None else type(self.reference).__name__}, "
+            f"rollout correction: {self.loss.rollout_correction or 'off'}"
         )
 
     def _claim_output_dir(self) -> RunLock | None:
@@ -265,35 +272,46 @@ class GRPORecipe:
         is_lora = len(adapter_params) > 0
         if is_lora:
             set_trainable_params(model, adapter_params)
-        if self._activation_checkpointing(model):
+        checkpointing, self.offload_activations = self._activation_memory_plan(model)
+        if checkpointing:
             training.set_activation_checkpointing(
                 model, auto_wrap_policy={modules.TransformerSelfAttentionLayer}
             )
         use_packed_attention(model)
         return model, is_lora
 
-    def _activation_checkpointing(self, model: torch.nn.Module) -> bool:
-        """`enable_activation_checkpointing`: true, false, or "auto": on only when the
-        estimated activations of one micro-batch exceed `activation_memory_budget_gb`
+    def _activation_memory_plan(self, model: torch.nn.Module) -> tuple[bool, bool]:
+        """(checkpointing, offloading) from `enable_activation_checkpointing` and
+        `enable_activation_offloading`: true, false, or "auto", decided by
+        `packrl.training.memory.plan_activation_memory` against `activation_memory_budget_gb`
         (default: see `packrl.training.memory.default_activation_budget`)."""
-        setting = self.cfg.enable_activation_checkpointing
-        if setting != "auto":
-            return setting
+        cfg = self.cfg
+        settings = (cfg.enable_activation_checkpointing, cfg.enable_activation_offloading)
+        if "auto" not in settings:
+            return settings
         tokens = self.rows_per_micro_batch * self.row_len
         need = activation_bytes(model, tokens, self.dtype)
-        budget_gb = self.cfg.activation_memory_budget_gb
+        budget_gb = cfg.activation_memory_budget_gb
         trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
         budget = (
             int(budget_gb * 2**30)
             if budget_gb is not None
             else default_activation_budget(self.device, trainable)
         )
-        log.info(
-            f"activation checkpointing: {'on' if need > budget else 'off'} (auto: a "
-            f"{tokens}-token micro-batch needs about {need / 2**30:.2f} GiB of activations, "
-            f"the budget is {budget / 2**30:.2f} GiB)"
+        checkpointing, offloading = plan_activation_memory(
+            *settings,
+            need=need,
+            need_checkpointed=checkpointed_activation_bytes(model, tokens, self.dtype),
+            budget=budget,
+            device_type=self.device.type,
         )
-        return need > budget
+        log.info(
+            f"activation checkpointing: {'on' if checkpointing else 'off'}, offloading: "
+            f"{'on' if offloading else 'off'} (settings {settings}: a {tokens}-token "
+            f"micro-batch needs about {need / 2**30:.2f} GiB of activations, the budget is "
+            f"{budget / 2**30:.2f} GiB)"
+        )
+        return checkpointing, offloading
 
     def _shard(self, model: torch.nn.Module) -> None:
         """FSDP2: shard each transformer layer, then the rest (embeddings, norm, output)."""
@@ -314,7 +332,7 @@ class GRPORecipe:
         )
 
     def _activation_offloading(self):
-        enabled = self.cfg.enable_activation_offloading
+        enabled = self.offload_activations
         if enabled and self.device.type != "cuda":
             warnings.warn(
                 "enable_activation_offloading: true is ignored on "

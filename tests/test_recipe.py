@@ -230,6 +230,8 @@ def test_activation_offloading_on_cpu_warns_and_is_ignored(tmp_path):
         vocab_size=64, num_layers=1, num_heads=2, num_kv_heads=1, embed_dim=16,
         max_seq_len=32, intermediate_dim=32,
     )  # fmt: skip
+    _, recipe.offload_activations = recipe._activation_memory_plan(recipe.model)
+    assert recipe.offload_activations  # explicitly asked for
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ctx = recipe._activation_offloading()
@@ -318,6 +320,28 @@ def test_tiny_lora_trains_adapters_only_and_evaluates(tiny_model_dir, tmp_path):
     assert set(result) == {"eval/accuracy", "eval/reward"} and 0 <= result["eval/accuracy"] <= 1
 
 
+@pytest.mark.parametrize(
+    "need, kept, budget, device, settings, plan",
+    [  # (checkpointing, offloading) settings -> what runs
+        (10, 1, 5, "cpu", ("auto", "auto"), (True, False)),  # nothing to offload to on CPU
+        (10, 1, 50, "cpu", ("auto", "auto"), (False, False)),
+        (10, 1, 5, "cuda", ("auto", "auto"), (True, False)),  # checkpointing is enough
+        (10, 8, 5, "cuda", ("auto", "auto"), (True, True)),  # even the layer inputs overflow
+        (10, 8, 5, "cuda", (False, "auto"), (False, True)),
+        (10, 8, 50, "cuda", (True, "auto"), (True, False)),
+        (10, 8, 5, "cuda", ("auto", False), (True, False)),
+        (10, 8, 50, "cpu", (False, True), (False, True)),  # explicit: the recipe warns on CPU
+    ],
+)
+def test_activation_memory_plan(need, kept, budget, device, settings, plan):
+    from packrl.training.memory import plan_activation_memory
+
+    got = plan_activation_memory(
+        *settings, need=need, need_checkpointed=kept, budget=budget, device_type=device
+    )
+    assert got == plan
+
+
 @pytest.mark.parametrize("budget_gb, wrapped", [(1e-4, True), (64.0, False)])
 def test_activation_checkpointing_auto_follows_the_budget(
     tiny_model_dir, tmp_path, budget_gb, wrapped
@@ -330,10 +354,12 @@ def test_activation_checkpointing_auto_follows_the_budget(
         tiny_model_dir,
         tmp_path,
         enable_activation_checkpointing="auto",
+        enable_activation_offloading="auto",
         activation_memory_budget_gb=budget_gb,
     )
     # the tiny llama: (10 * 64 + 2 * 128) elements x 2 layers x 128 tokens x 4 bytes
     assert activation_bytes(recipe.model, 128, torch.float32) == 896 * 2 * 128 * 4
+    assert recipe.offload_activations is False  # auto never offloads on CPU
     has_wrappers = any(isinstance(m, CheckpointWrapper) for m in recipe.model.modules())
     assert has_wrappers == wrapped
     _step(recipe)  # trains either way

@@ -37,6 +37,10 @@ fi
 
 # `pip show`, not `import packrl`: the import would find the checkout in the working directory.
 $PIP show packrl >/dev/null 2>&1 || $PIP install --quiet -e "$ROOT"
+# As setup.sh does: this checkout before site-packages, so that `recipes.grpo` is ours and not
+# torchtune's `recipes` package (tune run, tools/bench_grpo_learning.py).
+SITE=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+echo "import sys; sys.path.insert(0, '$ROOT')" > "$SITE/packrl_checkout_first.pth"
 
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT

@@ -155,7 +155,9 @@ GRPO_SCHEMA: Schema = {
     "activation_memory_budget_gb": Value(
         NUM + OPT, gt=0, hint="null: free device memory (CUDA) or half the available RAM (CPU)"
     ),
-    "enable_activation_offloading": Value((bool,), default=False),
+    "enable_activation_offloading": Value(
+        (bool, str), default=False, choices=(True, False, "auto")
+    ),
     "eval": {
         "every_n_steps": Value((int,) + OPT, ge=1, hint="null evaluates only at the start/end"),
         "at_start": Value((bool,), default=False),

@@ -1,6 +1,7 @@
 """How much memory a micro-batch's activations need, and how much there is for them.
 
-The recipe's `enable_activation_checkpointing: auto` compares the two at start-up.
+The recipe's `enable_activation_checkpointing: auto` and `enable_activation_offloading: auto`
+compare the two at start-up (`plan_activation_memory`).
 """
 
 from __future__ import annotations
@@ -39,3 +40,33 @@ def default_activation_budget(device: torch.device, trainable_bytes: int) -> int
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: line.split()[1] for line in f}
     return int(info["MemAvailable"]) * 1024 // 2
+
+
+def checkpointed_activation_bytes(model: nn.Module, tokens: int, dtype: torch.dtype) -> int:
+    """Estimated bytes kept with activation checkpointing on every layer: each layer's input,
+    ``embed_dim`` elements per token (the rest is recomputed in backward)."""
+    bits = torch.finfo(dtype).bits
+    return model.tok_embeddings.embedding_dim * len(list(model.layers)) * tokens * bits // 8
+
+
+def plan_activation_memory(
+    checkpointing: bool | str,
+    offloading: bool | str,
+    *,
+    need: int,
+    need_checkpointed: int,
+    budget: int,
+    device_type: str,
+) -> tuple[bool, bool]:
+    """(checkpointing, offloading) for the settings ``true``, ``false`` or ``"auto"``.
+
+    Auto checkpointing is on when ``need`` (bytes of a micro-batch's activations, see
+    `activation_bytes`) exceeds ``budget``. Auto offloading is on only on CUDA, when the
+    activations still kept (``need_checkpointed`` with checkpointing, else ``need``) exceed
+    the budget: offloading moves them to CPU memory, and elsewhere they are there already.
+    """
+    ckpt = need > budget if checkpointing == "auto" else bool(checkpointing)
+    if offloading != "auto":
+        return ckpt, bool(offloading)
+    kept = need_checkpointed if ckpt else need
+    return ckpt, device_type == "cuda" and kept > budget
