@@ -144,6 +144,10 @@ def tiny_tune_config(path: Path, model_dir: Path, out: Path, **settings) -> Path
         "keep_last_checkpoints": None,
         "enable_activation_checkpointing": False,
         "plot": False,
+        # the exact fp32 path (sampler logprobs equal the trainer's); the bf16 variant is a
+        # test of its own (test_recipe_variants.py)
+        "mixed_precision": None,
+        "sampler.dtype": "fp32",
         **settings,
     }
     for key, value in values.items():

@@ -29,6 +29,8 @@ SMALL = {
     "packing.row_len": 256,
     "packing.tokens_per_micro_batch": 256,
     "rewards.reward_funcs": ["recipe_test_rewards.distinct_chars"],
+    "mixed_precision": None,  # fp32 throughout: one rank and two must agree to 1e-4
+    "sampler.dtype": "fp32",
     "eval.at_start": False,
     "eval.every_n_steps": 1,
     "eval.num_rows": 3,  # odd: one rank evaluates more rows than the other

@@ -365,6 +365,8 @@ def test_grpo_recipe_eval_equals_eval_recipe_on_its_checkpoint(tiny_model_dir, t
         "eval.temperature": 1.0,
         "eval.max_new_tokens": 8,
         "enable_activation_checkpointing": False,
+        "mixed_precision": None,  # the trainer's evaluation and evaluate.py's on one path
+        "sampler.dtype": "fp32",
     }
     cfg = OmegaConf.load(ROOT / "tune_configs/smollm2_135m_arithmetic_full_cpu.yaml")
     for key, value in settings.items():
