@@ -325,8 +325,8 @@ class GRPORecipe:
     def _autocast(self) -> torch.autocast:
         """``mixed_precision: bf16``: matmuls of training forwards (and their backward) in
         bf16 over fp32 weights, gradients and optimizer states, as HF Trainer's ``bf16=True``;
-        off (a no-op context) otherwise. On a CPU with AVX512-BF16 a forward + backward takes
-        ~1.5x less time (docs/benchmarks.md)."""
+        off (a no-op context) otherwise. On a CPU with AVX512-BF16 the CPU demo's training
+        took 1.3-1.4x less time per position (docs/benchmarks.md)."""
         return torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision == "bf16"
         )

@@ -66,7 +66,7 @@ class NativeSampler:
         dtype: the precision decoding runs in: ``"fp32"``, ``"bf16"`` (torchtune's names) or
             None for the model's own. Another precision than the model's keeps a cast copy
             of the model for decoding (refreshed by ``sync_weights``): bf16 halves the bytes
-            each decode step reads, ~1.8x faster on a CPU with AVX512-BF16
+            each decode step reads, ~1.9x faster on a CPU with AVX512-BF16
             (docs/benchmarks.md). Its behaviour logprobs are then not the trainer's
             (``logprobs_match_trainer`` is False), so the loss's rollout correction "auto"
             turns on, as for vLLM.
