@@ -33,7 +33,8 @@ from packrl.tasks.temporal_clue.files import dumps_record
 ROOT = Path(__file__).resolve().parents[1]
 PUZZLES = ROOT / "puzzles"
 SPLITS = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl",
-          "large_validation": "large_validation.jsonl", "large_test": "large_test.jsonl"}  # fmt: skip
+          "large_train": "large_train.jsonl", "large_validation": "large_validation.jsonl",
+          "large_test": "large_test.jsonl"}  # fmt: skip
 
 
 # --- generator -----------------------------------------------------------------------------
