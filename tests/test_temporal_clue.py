@@ -18,6 +18,7 @@ from packrl.tasks.temporal_clue import (
     SCHEMA_VERSION,
     PuzzleFileError,
     World,
+    audit,
     generate_puzzle,
     grade,
     holds,
@@ -69,17 +70,28 @@ def test_record_fields_and_clues_true():
 
 
 def test_cli_output_is_byte_identical_across_worker_counts(tmp_path):
+    """The balanced writer draws candidates in rounds and keeps a choice of them; neither
+    the rounds nor the choice may depend on how many processes drew them."""
     outs = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}.jsonl"
-        cmd = [sys.executable, str(ROOT / "tools/generate_puzzles.py"), "--n", "4",
+        cmd = [sys.executable, str(ROOT / "tools/generate_puzzles.py"), "--n", "12",
                "--seed", "9", "--players", "1-2", "--workers", str(workers), "--out", str(out)]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=600)
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     recs = [json.loads(x) for x in outs[0].splitlines()]
-    assert [r["players"] for r in recs] == [1, 2, 1, 2]
-    assert [r["seed"] for r in recs] == [9_000_000 + i for i in range(4)]
+    assert [r["players"] for r in recs] == [1, 2] * 6
+    assert len({r["seed"] for r in recs}) == 12
+    assert all(9_000_000 <= r["seed"] < 9_000_000 + 12 * 20 for r in recs)
+    for kind, r in audit(recs).items():  # kept within the default 4 points, checked at 5
+        assert r["worst_excess"] <= 0.05, (kind, r["worst"], r["worst_excess"])
+    # unbalanced: candidates 0..n-1, as drawn
+    out = tmp_path / "off.jsonl"
+    cmd = [sys.executable, str(ROOT / "tools/generate_puzzles.py"), "--n", "4", "--seed", "9",
+           "--players", "1-2", "--workers", "1", "--shortcut-bound", "off", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path, timeout=300)
+    assert [json.loads(x)["seed"] for x in out.read_text().splitlines()] == [9_000_000 + i for i in range(4)]  # fmt: skip
 
 
 def test_cli_rejects_bad_players(tmp_path, capsys):
@@ -222,6 +234,14 @@ def test_shipped_sets_sizes_difficulties_and_disjointness(shipped):
             for r in recs:
                 assert r[key] not in seen, f"{r['id']} in both {seen.get(r[key])} and {split}"
                 seen[r[key]] = split
+
+
+def test_shipped_sets_have_no_answer_shortcuts(shipped):
+    """Issue 11's target: on every shipped set, no name heuristic beats chance by more than
+    5 points on any question kind (they were written with the default --shortcut-bound 4)."""
+    for split, recs in shipped.items():
+        for kind, r in audit(recs).items():
+            assert r["worst_excess"] <= 0.05, (split, kind, r["worst"], r["worst_excess"])
 
 
 def test_shipped_clues_are_true_of_their_scenarios(shipped):

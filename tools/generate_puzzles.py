@@ -4,9 +4,15 @@
     python tools/generate_puzzles.py --n 8 --players 9 --suspects 11 --map irregular --rooms 14 \
         --clue-weights either=2,iff=2,direction=1,murder_time=1 --bonus 3 --given time --out x.jsonl
 
-Puzzle i gets difficulty players[i % len(players)] and seed ``seed * 1_000_000 + i``, so a
+Candidate i gets difficulty players[i % len(players)] and seed ``seed * 1_000_000 + i``, so a
 file is reproducible from its command, and files made with different --seed never share a
 puzzle seed. Output is byte-identical for the same arguments, whatever --workers is.
+
+Files are shortcut-balanced (packrl/tasks/temporal_clue/balance.py): candidates are drawn
+until a choice of --n of them (the levels cycling as before) keeps every answer-free name
+heuristic of tools/audit_puzzles.py within --shortcut-bound points of chance on every
+question kind; that choice, earliest seeds first, is written. The file then passes
+`tools/audit_puzzles.py --bound 5`. --shortcut-bound off writes candidates 0..n-1 as drawn.
 
 Levels ("players") 1-10 are presets (packrl/tasks/temporal_clue/config.py); any knob given
 here overrides it for every level, and an inconsistent combination is an error naming the
@@ -27,11 +33,13 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
+from packrl.tasks.temporal_clue.balance import select_balanced  # noqa: E402
 from packrl.tasks.temporal_clue.config import PRESETS, PuzzleConfig, make_config  # noqa: E402
 from packrl.tasks.temporal_clue.files import dumps_record  # noqa: E402
 from packrl.tasks.temporal_clue.generate import generate_puzzle  # noqa: E402
 
 SEED_STRIDE = 1_000_000
+MAX_POOL = 20  # candidates drawn per kept puzzle before giving up on the bound
 
 
 def parse_players(text: str) -> list[int]:
@@ -84,6 +92,27 @@ def _one(job: tuple[int, PuzzleConfig]) -> str:
     return dumps_record(generate_puzzle(seed, config=cfg))
 
 
+def parse_bound(text: str) -> float | None:
+    """'4' -> 0.04; 'off' -> None."""
+    if text == "off":
+        return None
+    try:
+        points = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad --shortcut-bound {text!r}: points, e.g. 4, or off") from None  # fmt: skip
+    if not 0 <= points <= 100:
+        raise argparse.ArgumentTypeError(f"--shortcut-bound must be in 0..100 points, got {text!r}")  # fmt: skip
+    return points / 100
+
+
+def in_slot_order(records: list[str], levels: list[int]) -> list[str]:
+    """Kept records (seed order) rearranged so record j has level levels[j % len(levels)]."""
+    queues: dict[int, list[str]] = {}
+    for line in records:
+        queues.setdefault(json.loads(line)["players"], []).append(line)
+    return [queues[levels[j % len(levels)]].pop(0) for j in range(len(records))]
+
+
 def curriculum_key(line: str) -> tuple:
     """Sort key: measured difficulty (conflicts of the uniqueness proof, clues), then id."""
     d = json.loads(line)
@@ -101,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="output JSONL path")
     ap.add_argument("--order", choices=["generated", "curriculum"], default="generated",
                     help="curriculum: sort the file from easiest to hardest measured difficulty")  # fmt: skip
+    ap.add_argument("--shortcut-bound", type=parse_bound, default=parse_bound("4"),
+                    help="keep answer-free name heuristics within this many points of chance on "
+                    "every question kind over the file (default 4), or off")  # fmt: skip
     knobs = ap.add_argument_group("knobs (override the level presets)")
     for flag, (knob, typ) in KNOBS.items():
         knobs.add_argument(flag, dest=knob, type=typ, default=None, help=f"the {knob!r} knob")
@@ -118,29 +150,46 @@ def main(argv: list[str] | None = None) -> None:
     if args.seed < 0 or args.workers < 1:
         ap.error("--seed must be >= 0 and --workers >= 1")
 
-    jobs = [
-        (args.seed * SEED_STRIDE + i, cfgs[args.players[i % len(args.players)]])
-        for i in range(args.n)
-    ]
+    def job(i: int) -> tuple[int, PuzzleConfig]:
+        return args.seed * SEED_STRIDE + i, cfgs[args.players[i % len(args.players)]]
+
+    levels = [args.players[j % len(args.players)] for j in range(args.n)]
+    quotas = {lv: levels.count(lv) for lv in set(levels)}
+    step = -(-args.n // 4) + len(args.players)  # candidates drawn per round beyond --n
+    pool: list[str] = []
+    workers = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+    with tqdm(total=args.n, desc="puzzles") as bar:
+        while True:
+            want = args.n if not pool else len(pool) + step
+            if want > min(MAX_POOL * args.n, SEED_STRIDE):
+                ap.error(f"no {args.n} puzzles within --shortcut-bound in {len(pool)} candidates; "
+                         "raise --shortcut-bound, use more --n (a bound over few questions is "
+                         "strict), or --shortcut-bound off")  # fmt: skip
+            jobs = [job(i) for i in range(len(pool), want)]
+            bar.total = want
+            bar.refresh()
+            # imap keeps seed order, so output does not depend on timing or --workers
+            for line in workers.imap(_one, jobs) if workers else map(_one, jobs):
+                pool.append(line)
+                bar.update()
+            if args.shortcut_bound is None:
+                kept = pool
+                break
+            picked = select_balanced([json.loads(x) for x in pool], quotas, args.shortcut_bound)
+            if picked is not None:
+                kept = [pool[i] for i in picked]
+                break
+            bar.set_postfix_str("drawing more candidates to meet --shortcut-bound")
+    if workers:
+        workers.close()
+        workers.join()
+    kept = sorted(kept, key=curriculum_key) if args.order == "curriculum" else in_slot_order(kept, args.players)  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("w", encoding="utf-8") as f, tqdm(total=len(jobs), desc="puzzles") as bar:
-        if args.workers == 1:
-            lines = map(_one, jobs)
-        else:
-            pool = mp.get_context("spawn").Pool(args.workers)
-            lines = pool.imap(_one, jobs)  # in order, so output does not depend on timing
-        held = []  # curriculum order needs every record before writing
-        for line in lines:
-            if args.order == "curriculum":
-                held.append(line)
-            else:
-                f.write(line + "\n")
-            bar.update()
-        f.writelines(line + "\n" for line in sorted(held, key=curriculum_key))
-        if args.workers > 1:
-            pool.close()
-            pool.join()
-    print(f"wrote {len(jobs)} puzzles to {args.out}", file=sys.stderr)
+    tmp = args.out.with_name(args.out.name + ".tmp")  # a killed run leaves the old file whole
+    with tmp.open("w", encoding="utf-8") as f:
+        f.writelines(line + "\n" for line in kept)
+    os.replace(tmp, args.out)
+    print(f"wrote {len(kept)} puzzles to {args.out} (kept from {len(pool)} candidates)", file=sys.stderr)  # fmt: skip
 
 
 if __name__ == "__main__":

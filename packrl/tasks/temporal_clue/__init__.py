@@ -1,12 +1,14 @@
 """Temporal Clue: Clue-style murder mysteries over time and space, generated with CP-SAT.
 
 See docs/temporal_clue.md. Main entry points: `make_config` / `PRESETS` (the knobs),
-`generate_puzzle` (one record), `audit` (answer shortcuts), `recheck` (independent check),
+`generate_puzzle` (one record), `audit` (answer shortcuts), `select_balanced` (files
+without them), `recheck` (independent check),
 `grade` / `temporal_clue_reward` (grading), `read_puzzles` / `write_puzzles` (files) and
 `temporal_clue_task` (a `Task` for the recipe).
 """
 
 from packrl.tasks.temporal_clue.audit import audit
+from packrl.tasks.temporal_clue.balance import select_balanced
 from packrl.tasks.temporal_clue.clues import FAMILIES, clue_text, holds
 from packrl.tasks.temporal_clue.config import PRESETS, PuzzleConfig, make_config, preset
 from packrl.tasks.temporal_clue.files import PuzzleFileError, read_puzzles, write_puzzles
@@ -30,6 +32,7 @@ __all__ = [
     "SIZES",
     "PuzzleConfig",
     "audit",
+    "select_balanced",
     "make_config",
     "preset",
     "recheck",
