@@ -14,6 +14,11 @@ process (``compile.first_s``: cold when the inductor cache directory is empty, e
 ``TORCHINDUCTOR_CACHE_DIR`` set to a new directory) and a recompile after
 ``torch._dynamo.reset()`` that finds the kernels on disk (``compile.cached_s``, what a second
 run of the recipe pays). ``--profile`` adds the top operators of one compiled generation.
+
+``--thread-divergence`` measures something else instead of speed: the eager native sampler
+(fp32 and bf16, sampled at ``--temperature`` and greedy) decodes the same prompts with the
+same seeds at 1 thread and at ``--threads``, and the JSON says how many sequences came out
+identical and where the others first differ.
 """
 
 import argparse
@@ -188,6 +193,48 @@ def profile_compiled(sampler: NativeSampler, prompts, args, top: int = 15) -> li
     ]
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two sequences differ (a length difference counts)."""
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def thread_divergence(model, tokenizer: ChatTokenizer, prompts, args) -> dict:
+    """The same rollout at 1 thread and at ``args.threads``: identical sequences, and where the
+    others part. A matmul split over more threads sums in another order, so logits differ in
+    their last bits; a sampled token flips when its uniform draw falls within that much of a
+    CDF boundary (greedy: at a near-tie), and everything after it differs."""
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        sampler = NativeSampler(model, stop_token_ids=tokenizer.stop_token_ids,
+                                pad_id=tokenizer.pad_id, dtype=dtype,
+                                max_batch_size=args.prompts * args.samples)  # fmt: skip
+        for temperature in (args.temperature, 0.0):
+            runs = []
+            for threads in (1, args.threads):
+                torch.set_num_threads(threads)
+                samples = sampler.generate(prompts, num_samples=args.samples, seed=args.seed,
+                                           max_new_tokens=args.new_tokens, temperature=temperature)  # fmt: skip
+                runs.append([c for group in samples for c in group])
+            torch.set_num_threads(args.threads)
+            parts = [first_difference(a.token_ids, b.token_ids) for a, b in zip(*runs, strict=True)]
+            same = [
+                (a, b)
+                for (a, b), p in zip(zip(*runs, strict=True), parts, strict=True)
+                if p is None
+            ]
+            out[f"{dtype}_T{temperature:g}"] = {
+                "sequences": len(parts),
+                "identical": len(same),
+                "first_difference_at_token": sorted(p for p in parts if p is not None),
+                "max_logprob_diff_of_identical": max(
+                    (abs(x - y) for a, b in same for x, y in zip(a.logprobs, b.logprobs, strict=True)), default=0.0),
+            }  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, default=None, help="write results here")
@@ -199,6 +246,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="profile one compiled run")
+    parser.add_argument("--thread-divergence", action="store_true",
+                        help="instead of timing: compare 1 thread with --threads, token for token")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     import transformers
@@ -210,6 +259,10 @@ def main() -> None:
     hf_model.eval()
     prompts = arithmetic_prompts(tokenizer, args.prompts, args.seed)
     load_start = os.getloadavg()
+    if args.thread_divergence:
+        report = report_header("bench_rollout", args, prompts)
+        write_report({**report, "divergence": thread_divergence(model, tokenizer, prompts, args)}, args.json)  # fmt: skip
+        return
 
     compile_s = compile_cost(model, tokenizer, prompts, args)
     samplers = {
