@@ -64,10 +64,8 @@ class NativeSampler:
             cache length and sampling setting; CUDA graphs on CUDA). False runs the same step
             eagerly: no compile time, more per-step overhead.
         dtype: the precision decoding runs in: ``"fp32"``, ``"bf16"`` (torchtune's names) or
-            None for the model's own. Another precision than the model's decodes with a
-            cast copy of the model, cast from it when each ``generate`` call starts and
-            emptied when it returns (kept, and refreshed by ``sync_weights``, when compiled
-            or under torchrun): bf16 halves the bytes
+            None for the model's own. Another precision than the model's keeps a cast copy
+            of the model for decoding (refreshed by ``sync_weights``): bf16 halves the bytes
             each decode step reads, ~1.9x faster on a CPU with AVX512-BF16
             (docs/benchmarks.md). Its behaviour logprobs are then not the trainer's
             (``logprobs_match_trainer`` is False), so the loss's rollout correction "auto"
@@ -119,14 +117,6 @@ class NativeSampler:
                     m.float()  # torchtune's RMSNorm computes in fp32: fp32 scales keep it fused
         else:
             self.model = model
-        # A cast copy of a one-process policy is needed only while decoding: it is filled
-        # from the policy when a rollout starts and emptied when it ends, so its bytes (0.27
-        # GB for SmolLM2-135M in bf16) are not held through the training pass, where the
-        # step's memory peaks. A compiled step keeps its copy: it may have captured the
-        # weights' addresses (CUDA graphs). Under torchrun the copy is filled by
-        # sync_weights, whose gathers must run on all ranks at once.
-        self._source = model if self.model is not model and world()[0] == 1 and not compile else None  # fmt: skip
-        self._release_copy()
         self._layers = self_attention_layers(self.model)
         self.stop_token_ids = list(stop_token_ids)
         self.pad_id = pad_id
@@ -167,7 +157,6 @@ class NativeSampler:
         out: list[list[Completion]] = [[] for _ in prompts]
         modes = {m: m.training for m in self.model.modules()}
         self.model.eval()  # no dropout (LoRA dropout included) while sampling
-        self._fill_copy()
         try:
             with tqdm(total=len(rows), unit="seq", desc="generate", disable=not progress) as bar:
                 for start in range(0, len(rows), self.max_batch_size):
@@ -187,20 +176,7 @@ class NativeSampler:
         finally:
             for module, training in modes.items():
                 module.training = training
-            self._release_copy()
         return out
-
-    def _fill_copy(self) -> None:
-        """Casts the policy's current weights into the emptied decoding copy (see __init__)."""
-        if self._source is not None:
-            source = dict(self._source.named_parameters())
-            for name, p in self.model.named_parameters():
-                p.data = source[name].detach().to(p.dtype)
-
-    def _release_copy(self) -> None:
-        if self._source is not None:
-            for p in self.model.parameters():
-                p.data = p.data.new_empty(0)
 
     def _generate_chunk(
         self,
@@ -388,8 +364,8 @@ class NativeSampler:
         the sampler holds an unsharded copy, because decoding through sharded layers would
         all-gather each layer for every token, in lockstep on all ranks; the shards are
         gathered here once per optimizer step."""
-        if policy is self.model or self._source is not None:
-            return  # the policy itself, or a copy filled from it when a rollout starts
+        if policy is self.model:
+            return
         own = dict(full_parameters(self.model))  # views of the sampling model's parameters
         for name, tensor in full_parameters(policy, trainable_only=True):
             own[name].copy_(tensor)
