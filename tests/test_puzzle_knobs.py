@@ -117,7 +117,7 @@ def test_cli_knobs_errors_and_curriculum_order(tmp_path, capsys):
     out = tmp_path / "c.jsonl"
     cli.main(["--n", "6", "--seed", "4", "--players", "1-2", "--suspects", "4", "--workers", "1",
               "--clue-weights", "fact=1,either=1,murder_time=1,same_room=1", "--order", "curriculum",
-              "--out", str(out)])  # fmt: skip
+              "--shortcut-bound", "off", "--out", str(out)])  # fmt: skip
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert all(len(r["scenario"]["suspects"]) == 4 for r in recs)
     keys = [(r["difficulty"]["conflicts"], r["difficulty"]["clues"]) for r in recs]

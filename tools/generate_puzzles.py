@@ -2,7 +2,8 @@
 
     python tools/generate_puzzles.py --n 64 --seed 1 --players 1-6 --workers 2 --out puzzles/x.jsonl
     python tools/generate_puzzles.py --n 8 --players 9 --suspects 11 --map irregular --rooms 14 \
-        --clue-weights either=2,iff=2,direction=1,murder_time=1 --bonus 3 --given time --out x.jsonl
+        --clue-weights either=2,iff=2,direction=1,murder_time=1 --bonus 3 --given time \
+        --shortcut-bound off --out x.jsonl
 
 Candidate i gets difficulty players[i % len(players)] and seed ``seed * 1_000_000 + i``, so a
 file is reproducible from its command, and files made with different --seed never share a
