@@ -114,6 +114,15 @@ def test_cli_knobs_errors_and_curriculum_order(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["--players", "2", "--weapons", "50", "--out", str(tmp_path / "x.jsonl")])
     assert "'weapons'" in capsys.readouterr().err
+    # a shortcut bound no pool can meet stops after 5 candidates per puzzle, writing nothing
+    with pytest.raises(SystemExit):
+        cli.main(["--n", "1", "--players", "1", "--seed", "0", "--workers", "1",
+                  "--shortcut-bound", "0", "--out", str(tmp_path / "b.jsonl")])  # fmt: skip
+    assert "no 1 puzzles within --shortcut-bound in 5 candidates" in capsys.readouterr().err
+    assert not (tmp_path / "b.jsonl").exists()
+    with pytest.raises(SystemExit):
+        cli.main(["--shortcut-bound", "some", "--out", str(tmp_path / "b.jsonl")])
+    assert "bad --shortcut-bound 'some'" in capsys.readouterr().err
     out = tmp_path / "c.jsonl"
     cli.main(["--n", "6", "--seed", "4", "--players", "1-2", "--suspects", "4", "--workers", "1",
               "--clue-weights", "fact=1,either=1,murder_time=1,same_room=1", "--order", "curriculum",
