@@ -203,9 +203,10 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 def thread_divergence(model, tokenizer: ChatTokenizer, prompts, args) -> dict:
     """The same rollout at 1 thread and at ``args.threads``: identical sequences, and where the
-    others part. A matmul split over more threads sums in another order, so logits differ in
-    their last bits; a sampled token flips when its uniform draw falls within that much of a
-    CDF boundary (greedy: at a near-tie), and everything after it differs."""
+    others part. What it looks for: if more threads made a kernel sum in another order, the
+    logits would differ in their last bits, a sampled token would flip where its uniform
+    draw falls that close to a CDF boundary (greedy: at a near-tie), and everything after it
+    would differ. (On the dev machine nothing differed: docs/benchmarks.md.)"""
     out = {}
     for dtype in ("fp32", "bf16"):
         sampler = NativeSampler(model, stop_token_ids=tokenizer.stop_token_ids,

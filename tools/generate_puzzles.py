@@ -109,17 +109,20 @@ def parse_bound(text: str) -> float | None:
     return points / 100
 
 
-def in_slot_order(records: list[str], levels: list[int]) -> list[str]:
-    """Kept records (seed order) rearranged so record j has level levels[j % len(levels)]."""
-    queues: dict[int, list[str]] = {}
-    for line in records:
-        queues.setdefault(json.loads(line)["players"], []).append(line)
-    return [queues[levels[j % len(levels)]].pop(0) for j in range(len(records))]
+Candidate = tuple[str, dict]  # (JSONL line, its record), parsed once
 
 
-def curriculum_key(line: str) -> tuple:
+def in_slot_order(kept: list[Candidate], levels: list[int]) -> list[Candidate]:
+    """Kept candidates (seed order) rearranged so number j has level levels[j % len(levels)]."""
+    queues: dict[int, list[Candidate]] = {}
+    for cand in kept:
+        queues.setdefault(cand[1]["players"], []).append(cand)
+    return [queues[levels[j % len(levels)]].pop(0) for j in range(len(kept))]
+
+
+def curriculum_key(cand: Candidate) -> tuple:
     """Sort key: measured difficulty (conflicts of the uniqueness proof, clues), then id."""
-    d = json.loads(line)
+    d = cand[1]
     return (d["difficulty"]["conflicts"], d["difficulty"]["clues"], d["id"])
 
 
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     levels = [args.players[j % len(args.players)] for j in range(args.n)]
     quotas = {lv: levels.count(lv) for lv in set(levels)}
     step = -(-args.n // 4) + len(args.players)  # candidates drawn per round beyond --n
-    pool: list[str] = []
+    pool: list[Candidate] = []
     workers = mp.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
     with tqdm(total=args.n, desc="puzzles") as bar:
         while True:
@@ -175,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
             bar.refresh()
             # imap keeps seed order, so output does not depend on timing or --workers
             for line in workers.imap(_one, jobs) if workers else map(_one, jobs):
-                pool.append(line)
+                pool.append((line, json.loads(line)))
                 bar.update()
             if args.shortcut_bound is None:
                 kept = pool
                 break
-            picked = select_balanced([json.loads(x) for x in pool], quotas, args.shortcut_bound)
+            picked = select_balanced([rec for _, rec in pool], quotas, args.shortcut_bound)
             if picked is not None:
                 kept = [pool[i] for i in picked]
                 break
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")  # a killed run leaves the old file whole
     with tmp.open("w", encoding="utf-8") as f:
-        f.writelines(line + "\n" for line in kept)
+        f.writelines(line + "\n" for line, _ in kept)
     os.replace(tmp, args.out)
     print(f"wrote {len(kept)} puzzles to {args.out} (kept from {len(pool)} candidates)", file=sys.stderr)  # fmt: skip
 

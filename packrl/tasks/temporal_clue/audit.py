@@ -96,6 +96,15 @@ def heuristic_sets(rec: Record, q: dict[str, Any]) -> dict[str, set[str]]:
     return out
 
 
+def question_scores(rec: Record, q: dict[str, Any]) -> tuple[float, dict[str, float]]:
+    """Chance (1/|candidates|) and each heuristic's expected score on one question: 1/|picked|
+    if the answer is among its picks, else 0. `audit` averages these; `balance` sums them."""
+    n = len([x for x in rec["scenario"][CANDIDATES[q["kind"]]] if x is not None])
+    scores = {name: 1 / len(picked) if q["answer"] in picked else 0.0
+              for name, picked in heuristic_sets(rec, q).items()}  # fmt: skip
+    return 1 / n, scores
+
+
 def audit(records: Iterable[Record]) -> dict[str, dict[str, Any]]:
     """Per question kind: n, chance, and each heuristic's accuracy and excess over chance.
 
@@ -110,10 +119,9 @@ def audit(records: Iterable[Record]) -> dict[str, dict[str, Any]]:
             raise ValueError(f"record {i}: no 'questions'/'scenario'; the audit needs generated records")  # fmt: skip
         for q in rec["questions"]:
             kind = q["kind"]
-            n = len([x for x in rec["scenario"][CANDIDATES[kind]] if x is not None])
-            chance.setdefault(kind, []).append(1 / n)
-            for name, picked in heuristic_sets(rec, q).items():
-                hit = 1 / len(picked) if q["answer"] in picked else 0.0
+            c, scores = question_scores(rec, q)
+            chance.setdefault(kind, []).append(c)
+            for name, hit in scores.items():
                 acc.setdefault(kind, {}).setdefault(name, []).append(hit)
     out = {}
     for kind in sorted(acc):

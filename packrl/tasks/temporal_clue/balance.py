@@ -32,7 +32,7 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from packrl.tasks.temporal_clue.audit import BOUNDED, CANDIDATES, heuristic_sets
+from packrl.tasks.temporal_clue.audit import BOUNDED, question_scores
 
 Record = dict[str, Any]
 SCALE = 1_000_000  # excesses are fractions; CP-SAT wants integers (rounding: 1e-6 per question)
@@ -42,19 +42,18 @@ DETERMINISTIC_SECONDS = 20.0  # CP-SAT's deterministic time: the same limit give
 def shortcut_excess(rec: Record) -> tuple[dict[tuple[str, str], float], Counter[str]]:
     """One record's (kind, heuristic) -> summed excess over chance, and its questions per kind.
 
-    Excess per question = the heuristic's expected score (1/|picked| if the answer is picked,
-    else 0) minus 1/|candidates|, for the `audit.BOUNDED` heuristics only.
+    Excess per question = `audit.question_scores`' score minus chance, for the
+    `audit.BOUNDED` heuristics only.
     """
     excess: dict[tuple[str, str], float] = {}
     asked: Counter[str] = Counter()
     for q in rec["questions"]:
         kind = q["kind"]
-        chance = 1 / len([x for x in rec["scenario"][CANDIDATES[kind]] if x is not None])
+        chance, scores = question_scores(rec, q)
         asked[kind] += 1
-        for name, picked in heuristic_sets(rec, q).items():
-            if name in BOUNDED:
-                hit = 1 / len(picked) if q["answer"] in picked else 0.0
-                excess[kind, name] = excess.get((kind, name), 0.0) + hit - chance
+        for name in BOUNDED:
+            if name in scores:
+                excess[kind, name] = excess.get((kind, name), 0.0) + scores[name] - chance
     return excess, asked
 
 
