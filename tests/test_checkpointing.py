@@ -729,7 +729,7 @@ def test_full_disk_names_the_path_and_space_and_keeps_latest(source_dir, tmp_pat
 
 def test_one_process_save_hands_tensors_through_without_copies(source_dir):
     """gather_to_rank0 (what save_checkpoint writes from) returns CPU tensors as they are:
-    a copy of the model and its AdamW states added 1.2 GB at every save of the CPU demo."""
+    a copy of the model and its AdamW states added 1.6 GB at every save of SmolLM2-135M."""
     model = load_source(tiny(), source_dir)
     opt, sched = setup_training(model)
     train_step(model, opt, sched)

@@ -2,7 +2,10 @@
 
 Also what the per-file checksums cost: after each save, the SHA-256 pass that save_checkpoint
 runs over the step dir is timed again, interleaved with a BLAKE2b pass over the same files
-(the alternative hash), and reported as a share of the save's time.
+(the alternative hash), and reported as a share of the save's time. On Linux, also how far
+each save raises the process's resident memory above what it held before the save
+(``save_rss_rise_gb``: the kernel's peak-RSS counter is reset through /proc/self/clear_refs
+before each save and read after it).
 
 python tools/bench_checkpoint.py [--threads 2] [--repeats 2]
 """
@@ -38,6 +41,23 @@ def hash_dir(step_dir: Path, algo: str) -> None:
             hashlib.file_digest(fh, algo)
 
 
+def rss_gb(field: str) -> float | None:
+    """VmRSS or VmHWM of this process in GB (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith(field)) / 1e6
+    except OSError:
+        return None
+
+
+def reset_peak_rss() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
 def median(xs: list[float]) -> float:
     return sorted(xs)[len(xs) // 2]
 
@@ -67,10 +87,15 @@ def main() -> None:
         result = {"threads": args.threads, "repeats": args.repeats, "cpu_count": os.cpu_count()}
         for name, kw in variants.items():
             times: dict[str, list[float]] = {"save": [], "sha256": [], "blake2b": []}
+            rises: list[float] = []
             for i in range(args.repeats):
+                reset_peak_rss()
+                before = rss_gb("VmRSS")
                 start = time.perf_counter()
                 step_dir = save_checkpoint(tmp / name, i, source_checkpoint_dir=src, **kw)
                 times["save"].append(time.perf_counter() - start)
+                if before is not None:
+                    rises.append(rss_gb("VmHWM") - before)
                 # alternate the order so that neither hash always reads a colder page cache
                 for algo in ("sha256", "blake2b")[:: 1 if i % 2 == 0 else -1]:
                     start = time.perf_counter()
@@ -83,6 +108,7 @@ def main() -> None:
                 "sha256_s_median": sha_s,
                 "blake2b_s_median": median(times["blake2b"]),
                 "sha256_share_of_save": round(sha_s / save_s, 3),
+                "save_rss_rise_gb": round(median(rises), 3) if rises else None,
             }
         result["full+adamw"]["load_s"] = timed(
             lambda: load_checkpoint(tmp / "full+adamw", model=full, optimizer=opt)

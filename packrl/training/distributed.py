@@ -73,8 +73,8 @@ def gather_to_rank0(obj: Any) -> Any:
     is the same on every rank), and only rank 0 keeps them: the other ranks never hold a
     second whole copy of the model or the optimizer. A tensor that is already whole and on
     the CPU is returned as it is, not copied (the caller must not modify it): a copy of the
-    model and its AdamW states added 1.2 GB to the resident memory of a CPU run of
-    SmolLM2-135M at every checkpoint (docs/benchmarks.md).
+    model and its AdamW states raised the resident memory of a CPU run of SmolLM2-135M by
+    1.6 GB at every save (tools/bench_checkpoint.py, docs/benchmarks.md).
     """
     _, rank = world()
 
