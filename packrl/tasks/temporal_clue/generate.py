@@ -34,7 +34,7 @@ __all__ = ["GENERATOR_VERSION", "NAMED_ANSWER_KINDS", "SCHEMA_VERSION", "generat
            "must_name", "search_effort", "select_clues"]  # fmt: skip
 
 # Bump when a change makes the same seed give a different puzzle.
-GENERATOR_VERSION = "packrl-temporal-clue/3"
+GENERATOR_VERSION = "packrl-temporal-clue/4"
 SCHEMA_VERSION = 2  # record layout; 2 added config, rules, map, schema_version
 
 

@@ -15,6 +15,11 @@ puzzle is made"):
    replaced by a true clue ``c`` naming the entity that rules out every known world which
    shows ``e`` is needed; if the swapped set is unique, ``c`` is needed in it (without it the
    set is the old one minus ``e``). Then step 2 runs again.
+4. Balance (`Selector.unname`): a room or time answer named at least as often as every
+   other room (time) is a "most named" answer shortcut. The same kind of swap takes out a
+   clue naming it for a true clue that does not name it (up to `BALANCE_SWAPS`); then step 2
+   runs again. Where no swap is found the set is kept as it is (the file-level balance,
+   `balance.py`, deals with what is left), so no world is dropped for it.
 
 Every world CP-SAT returns is a counterexample: it satisfies the rules and changes an asked
 answer. They are kept (`bank`): a deletion test whose remaining clues all hold in a banked
@@ -28,6 +33,8 @@ Deterministic: every choice comes from the seeded `rng`, and solves use one work
 from __future__ import annotations
 
 import random
+from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from packrl.tasks.temporal_clue.clues import Clue, clue_mix, holds, names_in, sample_clue
@@ -61,6 +68,21 @@ ROOM_KINDS = ("room", "suspect_room", "weapon_room", "victim_room")
 # ... and one naming j required entities that the chosen clues do not name yet, with
 # weight NAME_BOOST**j (step 1 above).
 NAME_BOOST = 4.0
+# Answers that must not be named by more clues than every other entity of their kind (step
+# 4, `Selector.unname`): the world's list of candidates -> the question kinds it answers.
+# The murder room and time are named more than other rooms and times for two measured
+# reasons: a true clue drawn at random (12 fresh level 7 and 9 worlds) names the murder room
+# 1.2 to 2.5 times as often as an average room (the body stays there, the murderer and weapon
+# converge on it, "killed in" atoms name it) and the murder time 1.1 to 1.3 times; and the
+# clues that settle where the murder was tend to state it. Weights in growth and an order in
+# deletion only lean against that; at 16 rooms the murder room was still the most-named room
+# in 43% of the level 7-9 puzzles (chance 7.5%). A check on the final set does not lean, it
+# measures. Suspect, weapon and motive answers are left out: must_name names all of them,
+# and their answers are not over-named (puzzles/README.md).
+COUNTED_KINDS = {"rooms": ROOM_KINDS, "times": ("time",)}
+BALANCE_SWAPS = 6  # swaps per world that take a clue naming an over-named answer out
+BALANCE_TRIES = 3  # one-for-one balance swaps tried (one solve each) before regrowing
+AVOID_WEIGHT = 0.1  # growth weight per over-named answer a clue names, while step 4 regrows
 
 
 def must_name(w: World, questions: list[Question]) -> set[str]:
@@ -89,7 +111,8 @@ class Selector:
     """The state of one world's clue selection: model, candidate pool, counterexamples.
 
     `stats` counts solves (CP-SAT calls), deletion tests answered from the bank
-    (``bank_hits``), naming repairs that succeeded (``repairs``) and rounds.
+    (``bank_hits``), naming repairs that succeeded (``repairs``), balance swaps that
+    succeeded (``balance_swaps``) and rounds.
     """
 
     def __init__(self, w: World, questions: list[Question], cfg: PuzzleConfig, rng: random.Random):  # fmt: skip
@@ -102,12 +125,20 @@ class Selector:
         self.required = must_name(w, questions)
         self.answers = {q["answer"] for q in questions if q["kind"] != "time"}
         self.room_answers = {q["answer"] for q in questions if q["kind"] in ROOM_KINDS}
+        # per counted kind: (its asked answers, all its entities); kinds nobody asks are left out
+        lists = {"rooms": [r for r in w.rooms if r is not None], "times": list(w.times)}
+        self.counted = [
+            (answers, lists[kind])
+            for kind, kinds in COUNTED_KINDS.items()
+            if (answers := {q["answer"] for q in questions if q["kind"] in kinds})
+        ]  # fmt: skip
+        self.avoid: set[str] = set()  # names growth draws rarely (AVOID_WEIGHT), in step 4
         self.lit: dict[int, tuple[Clue, Any]] = {}  # id(clue) -> (clue, enforcement literal)
         self.bank: list[World] = []
         self._false: list[set[int]] = []  # per banked world: ids of clues false in it
         self._checked: list[set[int]] = []  # per banked world: ids of clues evaluated
         self._alive: dict[int, Clue] = {}  # every clue whose id is a cache key
-        self.stats = {"solves": 0, "bank_hits": 0, "repairs": 0, "naming_rounds": 0}
+        self.stats = {"solves": 0, "bank_hits": 0, "repairs": 0, "balance_swaps": 0, "naming_rounds": 0}  # fmt: skip
 
     # --- candidates ------------------------------------------------------------------
     def _draw(self, n: int) -> list[tuple[str, Clue]]:
@@ -122,13 +153,14 @@ class Selector:
             out.append((sampler, c))
         return out
 
-    def _naming_candidates(self, name: str, avoid: set[str]) -> list[Clue]:
-        """Distinct true clues from the mix that name `name` (texts in `avoid` left out)."""
+    def _candidates(self, accept: Callable[[set[str]], bool], avoid: set[str]) -> list[Clue]:
+        """Distinct true clues from `REPAIR_DRAWS` draws of the mix whose names (`names_in`)
+        `accept` takes; texts in `avoid` and giveaways left out."""
         names, weights = list(self.mix), list(self.mix.values())
         out, texts = [], set(avoid)
         for sampler in self.rng.choices(names, weights=weights, k=REPAIR_DRAWS):
             c = sample_clue(self.rng, self.world, sampler)
-            if c is None or name not in names_in(c) or c["text"] in texts:
+            if c is None or not accept(names_in(c)) or c["text"] in texts:
                 continue
             if giveaway(c, self.questions):
                 continue
@@ -193,6 +225,7 @@ class Selector:
             weights = [
                 ANSWER_NAME_WEIGHT ** len(names_in(c) & self.answers)
                 * NAME_BOOST ** len(names_in(c) & unnamed)
+                * AVOID_WEIGHT ** len(names_in(c) & self.avoid)
                 for _, c in same
             ]  # fmt: skip
             pick = self.rng.choices(same, weights=weights)[0]
@@ -258,7 +291,7 @@ class Selector:
         answers (step 1).
         """
         sole = self._sole_namers(kept)
-        candidates = self._naming_candidates(name, {c["text"] for c in kept})
+        candidates = self._candidates(lambda ns: name in ns, {c["text"] for c in kept})
         failed, fallback = 0, None
         while failed < REPAIR_TRIES:
             shown = {id(f): self._witnesses([c for c in kept if c is not f]) for f in kept}
@@ -284,26 +317,112 @@ class Selector:
             failed += 1  # the new counterexample is banked and rules this swap out
         return None if fallback is None else self.grow(fallback)
 
+    # --- step 4 ----------------------------------------------------------------------
+    def overnamed(self, clues: list[Clue]) -> dict[str, int]:
+        """Answer of a counted kind (`COUNTED_KINDS`) -> by how much it is the most named.
+
+        An answer named by ``k > 0`` of `clues`, where the most-named entity of its kind
+        that is no answer is named by ``top <= k``, maps to ``k - top + 1``: how many of its
+        namings have to go (or other entities' namings come) before "most named" misses it.
+        Empty when no answer is the most named.
+        """
+        return self._overnamed(Counter(n for c in clues for n in names_in(c)))
+
+    def _overnamed(self, counts: Counter[str], plus: set[str] = frozenset()) -> dict[str, int]:  # type: ignore[assignment]
+        """`overnamed` from name counts, each name in `plus` counted once more."""
+        out = {}
+        for answers, entities in self.counted:
+            top = max((counts[x] + (x in plus) for x in entities if x not in answers), default=0)
+            for a in answers:
+                k = counts[a] + (a in plus)
+                if k and k >= top:
+                    out[a] = k - top + 1
+        return out
+
+    def unname(self, kept: list[Clue]) -> list[Clue] | None:
+        """`kept` (unique, every required entity named) with one clue naming an over-named
+        answer (`overnamed`) swapped for a true clue naming none, or None if none is found.
+
+        The swap is `repair`'s: ``e`` (not the only namer of a required entity) goes, ``c``
+        comes, false in every banked world showing ``e`` is needed. Among those, the swap
+        that leaves the least over-naming wins, then `repair`'s key. A swap that CP-SAT finds
+        not unique banks its counterexample and the next is tried, `BALANCE_TRIES` times; then
+        the first one is grown back to unique answers (step 1), avoiding the over-named.
+        """
+        over = self.overnamed(kept)
+        sole = self._sole_namers(kept)
+        outs = [e for e in kept if names_in(e) & over.keys() and id(e) not in sole]
+        candidates = self._candidates(lambda ns: not ns & over.keys(), {c["text"] for c in kept})
+        names = [names_in(c) for c in candidates]
+        before, fallback = sum(over.values()), None
+        for _ in range(BALANCE_TRIES):
+            shown = {id(f): self._witnesses([c for c in kept if c is not f]) for f in kept}
+            best, best_key = None, None
+            for e in outs:
+                rest = [f for f in kept if f is not e]
+                counts = Counter(n for f in rest for n in names_in(f))
+                for c, ns in zip(candidates, names, strict=True):
+                    if any(not self._is_false(i, c) for i in shown[id(e)]):
+                        continue  # some known world still shows e's information is missing
+                    left = sum(self._overnamed(counts, ns).values())
+                    if left >= before:
+                        continue
+                    keeps = [f for f in rest if any(not self._is_false(i, c) for i in shown[id(f)])]  # fmt: skip
+                    key = (-left, sum(id(f) in sole for f in keeps), len(keeps))
+                    if best_key is None or key > best_key:
+                        best, best_key = (e, c), key
+            if best is None:
+                break
+            e, c = best
+            swapped = [*(f for f in kept if f is not e), c]
+            if self._solve(swapped)[0] is None:
+                self.stats["balance_swaps"] += 1
+                return swapped
+            fallback = fallback or swapped
+        if fallback is None:
+            return None
+        # No one clue replaces e: grow the first swap back to unique answers, drawing clues
+        # that name the over-named answers rarely (`AVOID_WEIGHT`); deletion then decides.
+        self.avoid = set(over)
+        grown = self.grow(fallback)
+        self.avoid = set()
+        if grown is not None:
+            self.stats["balance_swaps"] += 1
+        return grown
+
     def select(self) -> list[Clue] | None:
-        """The clue set, or None if this world gets stuck (then draw another world)."""
+        """The clue set, or None if this world gets stuck (then draw another world).
+
+        Rounds of deletion (step 2), then naming repairs (step 3) while a required entity is
+        unnamed, else a balance swap (step 4) while an answer is over-named. A set that names
+        everything is returned even if no balance swap is found or they run out.
+        """
         chosen = self.grow([])
         if chosen is None:
             return None
+        done: list[Clue] | None = None  # the last minimal set naming every required entity
         for rounds in range(1, NAMING_ROUNDS + 1):
             self.stats["naming_rounds"] = rounds
             kept = self.minimize(chosen)
             missing = sorted(self.required - named(kept))
             if not missing:
-                return kept
+                done = kept
+                if not self.overnamed(kept) or self.stats["balance_swaps"] >= BALANCE_SWAPS:
+                    return kept
+                swapped = self.unname(kept)
+                if swapped is None:
+                    return kept
+                chosen = swapped
+                continue
             chosen = kept
             for name in missing:
                 if name in named(chosen):
                     continue
                 swapped = self.repair(chosen, name)
                 if swapped is None:
-                    return None
+                    return done
                 chosen = swapped
-        return None
+        return done
 
 
 def select_clues(w: World, questions: list[Question], cfg: PuzzleConfig,
