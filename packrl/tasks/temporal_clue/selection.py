@@ -291,19 +291,39 @@ class Selector:
         answers (step 1).
         """
         sole = self._sole_namers(kept)
+        outs = [e for e in kept if id(e) not in sole]
         candidates = self._candidates(lambda ns: name in ns, {c["text"] for c in kept})
-        failed, fallback = 0, None
-        while failed < REPAIR_TRIES:
+        swapped, fallback = self._swap(kept, outs, candidates, REPAIR_TRIES)
+        if swapped is not None:
+            self.stats["repairs"] += 1
+            return swapped
+        return None if fallback is None else self.grow(fallback)
+
+    def _swap(self, kept: list[Clue], outs: list[Clue], candidates: list[Clue], tries: int,
+              rank: Callable[[Clue, Clue], tuple | None] | None = None) -> tuple[list[Clue] | None, list[Clue] | None]:  # fmt: skip
+        """One clue of `outs` (a subset of the unique set `kept`) swapped for one of
+        `candidates`: (the unique swapped set or None, the first swap tried or None).
+
+        A swap (e out, c in) is possible when c is false in every banked world showing e is
+        needed; possible swaps are ranked by ``rank(e, c)`` (None: skip it) if given, then by
+        how many clues c keeps needed (holds in a banked world showing each is needed; the
+        only namers first). The best is solved; if CP-SAT finds it not unique, its
+        counterexample is banked (which rules it out) and the next best tried, `tries` times.
+        """
+        sole = self._sole_namers(kept)
+        fallback = None
+        for _ in range(tries):
             shown = {id(f): self._witnesses([c for c in kept if c is not f]) for f in kept}
             best, best_key = None, None
-            for e in kept:
-                if id(e) in sole:
-                    continue
+            for e in outs:
                 for c in candidates:
                     if any(not self._is_false(i, c) for i in shown[id(e)]):
                         continue  # some known world still shows e's information is missing
+                    first = () if rank is None else rank(e, c)
+                    if first is None:
+                        continue
                     keeps = [f for f in kept if f is not e and any(not self._is_false(i, c) for i in shown[id(f)])]  # fmt: skip
-                    key = (sum(id(f) in sole for f in keeps), len(keeps))
+                    key = (*first, sum(id(f) in sole for f in keeps), len(keeps))
                     if best_key is None or key > best_key:
                         best, best_key = (e, c), key
             if best is None:
@@ -311,11 +331,9 @@ class Selector:
             e, c = best
             swapped = [*(f for f in kept if f is not e), c]
             if self._solve(swapped)[0] is None:
-                self.stats["repairs"] += 1
-                return swapped
+                return swapped, fallback
             fallback = fallback or swapped
-            failed += 1  # the new counterexample is banked and rules this swap out
-        return None if fallback is None else self.grow(fallback)
+        return None, fallback
 
     # --- step 4 ----------------------------------------------------------------------
     def overnamed(self, clues: list[Clue]) -> dict[str, int]:
@@ -353,32 +371,19 @@ class Selector:
         sole = self._sole_namers(kept)
         outs = [e for e in kept if names_in(e) & over.keys() and id(e) not in sole]
         candidates = self._candidates(lambda ns: not ns & over.keys(), {c["text"] for c in kept})
-        names = [names_in(c) for c in candidates]
-        before, fallback = sum(over.values()), None
-        for _ in range(BALANCE_TRIES):
-            shown = {id(f): self._witnesses([c for c in kept if c is not f]) for f in kept}
-            best, best_key = None, None
-            for e in outs:
-                rest = [f for f in kept if f is not e]
-                counts = Counter(n for f in rest for n in names_in(f))
-                for c, ns in zip(candidates, names, strict=True):
-                    if any(not self._is_false(i, c) for i in shown[id(e)]):
-                        continue  # some known world still shows e's information is missing
-                    left = sum(self._overnamed(counts, ns).values())
-                    if left >= before:
-                        continue
-                    keeps = [f for f in rest if any(not self._is_false(i, c) for i in shown[id(f)])]  # fmt: skip
-                    key = (-left, sum(id(f) in sole for f in keeps), len(keeps))
-                    if best_key is None or key > best_key:
-                        best, best_key = (e, c), key
-            if best is None:
-                break
-            e, c = best
-            swapped = [*(f for f in kept if f is not e), c]
-            if self._solve(swapped)[0] is None:
-                self.stats["balance_swaps"] += 1
-                return swapped
-            fallback = fallback or swapped
+        names = {id(c): names_in(c) for c in candidates}
+        before = sum(over.values())
+        counts = {id(e): Counter(n for f in kept if f is not e for n in names_in(f)) for e in outs}
+
+        def rank(e: Clue, c: Clue) -> tuple[int] | None:
+            """Minus the over-naming left after the swap; None if it does not drop."""
+            left = sum(self._overnamed(counts[id(e)], names[id(c)]).values())
+            return None if left >= before else (-left,)
+
+        swapped, fallback = self._swap(kept, outs, candidates, BALANCE_TRIES, rank)
+        if swapped is not None:
+            self.stats["balance_swaps"] += 1
+            return swapped
         if fallback is None:
             return None
         # No one clue replaces e: grow the first swap back to unique answers, drawing clues
