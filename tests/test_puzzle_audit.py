@@ -8,12 +8,13 @@ heuristic's accuracy has a standard error of about 5 points, so a bare 5-point b
 test the seeds, not the generator. A real leak is far larger (the weapon leak was +43 to +48
 points). The sample is fixed by its seeds, so the test is deterministic.
 
-One gap is left in single puzzles and closed in files: the most-named room is the murder
-room (or the asked location) more often than chance, because the clues that settle it name
-it. `balance.select_balanced` chooses, from the same sample used as a pool of candidates,
-the puzzles a file keeps, and the balanced test holds the bare 5-point bound, every
-heuristic, every kind, no standard errors: it holds by construction, and this checks that
-with the audit's own code and that the raw sample did have the gap.
+Single puzzles hold it with those standard errors; files hold it bare.
+`balance.select_balanced` chooses, from the same sample used as a pool of candidates, the
+puzzles a file keeps, and the balanced test holds the bare 4-point bound, every heuristic,
+every kind, no standard errors: it holds by construction, and this checks that with the
+audit's own code and that the raw sample did miss the bare bound somewhere. (Up to
+generator 3 the most-named room was the murder room, or the asked location, 8 to 9 points
+over chance in this sample; generator 4's balance swap took it below chance.)
 """
 
 from __future__ import annotations
@@ -34,10 +35,6 @@ MIN_QUESTIONS = 40  # kinds asked fewer times than this are too noisy to bound a
 # Level-2 worlds with three location questions each: 120 location questions.
 LOCATIONS = make_config(2, bonus=3, bonus_kinds=("suspect_room", "weapon_room"))
 N_LOCATIONS = 40
-# Single puzzles keep a gap on location answers: the most-named room beats chance (this
-# sample: room, suspect_room and weapon_room each +8 to +9 points, stderr 5). Files close it
-# by choosing their puzzles (test_a_balanced_choice_holds_the_bare_bound below).
-OPEN_GAP = ("room", "suspect_room", "weapon_room", "victim_room")
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +64,6 @@ def test_no_name_heuristic_beats_chance_by_5_points(sample):
         if r["n"] < MIN_QUESTIONS:
             continue
         for name in BOUNDED:
-            if kind in OPEN_GAP and name == "most_named":
-                continue
             h = r["heuristics"].get(name)
             if h is not None:
                 assert h["excess"] <= 0.05 + 2 * h["stderr"], (kind, name, h, r["chance"])
@@ -77,7 +72,9 @@ def test_no_name_heuristic_beats_chance_by_5_points(sample):
 
 def test_a_balanced_choice_holds_the_bare_bound(sample):
     res = audit(sample)
-    assert res["room"]["heuristics"]["most_named"]["excess"] > 0.05  # the gap being closed
+    # the raw sample misses the bare bound somewhere (who, least named: +7 points), so the
+    # choice below has work to do
+    assert max(r["worst_excess"] for r in res.values() if r["n"] >= MIN_QUESTIONS) > 0.04
     quotas = {1: 20, 2: 40}
     kept = select_balanced(sample, quotas, bound=0.04)
     assert kept is not None and len(kept) == 60 and kept == sorted(set(kept))
