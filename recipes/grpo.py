@@ -68,6 +68,7 @@ from packrl.training.memory import (
     checkpointed_activation_bytes,
     default_activation_budget,
     plan_activation_memory,
+    release_freed_host_memory,
 )
 from packrl.training.metrics import (
     JsonlWriter,
@@ -500,6 +501,8 @@ class GRPORecipe:
         for pass_idx in range(self.num_passes):
             stats = None
             for i, rows in enumerate(plan):
+                if self.device.type == "cpu":  # activations and grads live in the host heap
+                    release_freed_host_memory()
                 mb = batch.select_rows(rows or filler_row).trimmed(BLOCK_SIZE).to(self.device)
                 computed += mb.tokens.numel() if pass_idx == 0 and rows else 0
                 loss_mask = mb.trained if rows else torch.zeros_like(mb.trained)
