@@ -523,6 +523,8 @@ class GRPORecipe:
                 t = time.perf_counter()
                 with self.activations_ctx, self._autocast():
                     logprobs, entropy = score(self.model, with_entropy=True)
+                if self.device.type == "cpu":  # the forward's freed intermediates, before backward
+                    release_freed_host_memory()
                 if pass_idx == 0 and self.loss.needs_old_logprobs:
                     old_logprobs[i] = logprobs.detach()
                 loss, mb_stats = self.loss(logprobs, mb, loss_mask, ref, old_logprobs.get(i))

@@ -96,9 +96,9 @@ def release_freed_host_memory() -> bool:
     Why: glibc keeps freed heap memory resident, and a training step's activations and
     gradients (a few MB each) are freed in a different order than they were allocated, so
     the heap stays fragmented and resident memory climbs above live memory. On the CPU demo
-    that retention was 0.5-0.8 GiB at the step's peak (mallinfo2, docs/benchmarks.md);
-    trimming before each micro-batch keeps the peak near live memory for about a
-    millisecond of work. A no-op off glibc.
+    that retention was 0.5-0.9 GiB at the step's peak. The recipe trims before each CPU
+    micro-batch and after its forward, which keeps the peak near live memory
+    (``tools/bench_step_memory.py``, docs/benchmarks.md). A no-op off glibc.
     """
     trim = _glibc_malloc_trim()
     if trim is None:
