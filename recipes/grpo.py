@@ -576,7 +576,10 @@ class GRPORecipe:
         """Accuracy on the task's held-out rows at the `eval` section's sampling settings
         (default: greedy), or with `sampling` (e.g. temperature, num_samples) overriding
         them. The evaluation recipe's code path (`packrl.evaluation`), with its fixed seeds:
-        two evaluations of the same weights agree, here and in `recipes/evaluate.py`."""
+        two evaluations of the same weights agree, here and in `recipes/evaluate.py`, when
+        both decode in the same precision. It decodes with the rollout sampler, so a bf16
+        ``sampler.dtype`` can differ from an fp32 evaluation by a few points (near-ties:
+        seed 2 of the CPU demo, 6% here against 4% in fp32, docs/benchmarks.md)."""
         rows = list(self.task.eval)[: self.eval_rows]
         if not rows:
             return {}
