@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from packrl.tasks.arithmetic import (
+    INSTRUCTION,
     LEVELS,
     arithmetic_accuracy,
     arithmetic_task,
-    boxed_value_format,
     generate_problems,
 )
 from packrl.tasks.math import (
@@ -136,8 +136,8 @@ def test_arithmetic_task_rows_and_reward():
     user = task.train[0]["messages"][-1]
     assert user["role"] == "user" and "\\boxed{}" in user["content"]
     assert task.accuracy_func is arithmetic_accuracy
-    assert task.reward_funcs == [arithmetic_accuracy, boxed_value_format]
-    assert task.reward_weights == [1.0, 0.2]
+    assert task.reward_funcs == [arithmetic_accuracy]
+    assert task.reward_weights == [1.0]
     rows = task.eval[:4]
     completions = [f"\\boxed{{{r['answer']}}}" for r in rows[:2]] + ["\\boxed{0}", "no idea"]
     assert task.accuracy_func(
@@ -146,55 +146,40 @@ def test_arithmetic_task_rows_and_reward():
         answer=[r["answer"] for r in rows],
         difficulty=[r["difficulty"] for r in rows],
     ) == [1.0, 1.0, 0.0, 0.0]
-    assert boxed_value_format(completions=completions) == [1.0, 1.0, 1.0, 0.0]
     same = arithmetic_task(n_train=300, n_eval=50, difficulty=1, seed=0)
     assert same.train == task.train
 
 
-# What SmolLM2 boxed after 10 GRPO steps when any non-empty box earned the format reward
-# (seed 3 of the CPU demo, docs/benchmarks.md): none of it is an answer.
-LAZY_BOXES = [
-    "\\boxed{None}",
-    "14 + 50 = \\boxed{None}",
-    "\\boxed{22 + 55}",
-    "\\boxed{88+13}",
-    "\\boxed{nine-nine-nine}",
-    "\\boxed{1.0f}",
-    "\\boxed{77 + 84 = \\boxed{193}}",  # nested: the final box holds a box
-    "\\boxed{[99 + 65]|\\boxed{[40] The answer is 40.}}",
-    "\\boxed{}",
-    "\\boxed{2, 3}",  # two values are no single answer
-    "\\boxed{65",  # cut off
-    "<think>\\boxed{85}</think>",  # only inside the reasoning
-    "47 + 38 = 85",  # right, but not boxed
-]
-VALUE_BOXES = [
-    "47 + 38 = \\boxed{85}",
-    "\\boxed{85}.",
-    "$\\boxed{85}$",
-    "\\boxed{$85$}",
-    "\\boxed{47 + 38 = 85}",  # the part after the last "=" is the answer
-    "\\boxed{x = 5}",
-    "\\boxed{-12}",
-    "\\boxed{0.25}",
-    "\\boxed{-\\frac{3}{4}}",
-    "\\boxed{3/4}",
-    "\\boxed{9,801}",
-    "\\boxed{14}",  # an operand: a wrong value, but a value (accuracy scores it 0)
-]
-
-
-def test_boxed_value_format_pays_only_for_a_value():
-    assert boxed_value_format(LAZY_BOXES) == [0.0] * len(LAZY_BOXES)
-    assert boxed_value_format(VALUE_BOXES) == [1.0] * len(VALUE_BOXES)
-    # The old term paid for every box above but the empty, cut-off and reasoning-only ones.
-    assert sum(boxed_format(LAZY_BOXES)) == 9
-    # Chat-format completions and prompts that open a reasoning block, like boxed_format.
-    prompt = [{"role": "assistant", "content": "<think>"}]
-    assert boxed_value_format(
-        [[{"role": "assistant", "content": "\\boxed{5}"}], "38 + 47</think>\\boxed{85}"],
-        prompts=[prompt] * 2,
-    ) == [0.0, 1.0]
+def test_arithmetic_task_pays_nothing_for_a_lazy_box():
+    """What SmolLM2 wrote in the CPU demo, seed 3, after 10 GRPO steps when the task also paid
+    0.2 for any non-empty box (docs/benchmarks.md): none of it adds the numbers."""
+    task = arithmetic_task(n_train=10, n_eval=0, difficulty=1, seed=0)
+    lazy = [
+        "\\boxed{14}",  # an operand
+        "\\boxed{None}",
+        "14 + 50 = \\boxed{None}",
+        "\\boxed{14 + 50}",  # math-verify would evaluate the copy to 64
+        "\\boxed{14+50}",
+        "\\boxed{sixty-four}",
+        "\\boxed{1.0f}",
+        "\\boxed{14 + 50 = \\boxed{65}}",
+        "\\boxed{[14 + 50]|\\boxed{[40] The answer is 40.}}",
+        "\\boxed{}",
+        "\\boxed{64",  # cut off
+        "<think>\\boxed{64}</think>",  # only inside the reasoning
+        "14 + 50 = 64",  # right, but no answer stated
+    ]
+    right = ["14 + 50 = \\boxed{64}", "\\boxed{64}.", "The answer is 64."]
+    completions = lazy + right
+    n = len(completions)
+    prompts = [[{"role": "user", "content": f"What is 14 + 50? {INSTRUCTION}"}]] * n
+    totals = [0.0] * n
+    for func, weight in zip(task.reward_funcs, task.reward_weights, strict=True):
+        rewards = func(completions=completions, prompts=prompts, answer=["64"] * n)
+        totals = [t + weight * r for t, r in zip(totals, rewards, strict=True)]
+    assert totals == [0.0] * len(lazy) + [1.0] * len(right)
+    # The format bonus the task used to add paid for 9 of the lazy completions.
+    assert sum(boxed_format(completions=lazy)) == 9
 
 
 def test_boxed_format():

@@ -26,13 +26,7 @@ from fractions import Fraction
 from typing import Any
 
 from packrl.tasks.base import Row, Task
-from packrl.tasks.math import (
-    completion_text,
-    extract_answer,
-    final_boxed,
-    graded_text,
-    math_accuracy,
-)
+from packrl.tasks.math import completion_text, extract_answer, math_accuracy
 from packrl.tasks.shaping import prompt_opens_think
 
 INSTRUCTION = "Put your final answer in \\boxed{}."
@@ -63,36 +57,6 @@ def arithmetic_accuracy(
         if _UNEVALUATED.search(final):
             rewards[i] = 0.0
     return rewards
-
-
-# A plain value: an integer or decimal (thousands may be grouped by commas), a fraction
-# p/q or \\frac{p}{q}, with an optional sign.
-_PLAIN_VALUE = re.compile(
-    r"[-+\u2212]?\s*(?:\d{1,3}(?:,\d{3})+|\d+(?:\.\d+)?|\d+\s*/\s*\d+|\\d?frac\{\d+\}\{\d+\})"
-)
-
-
-def boxed_value_format(
-    completions: Sequence[Any], prompts: Sequence[Any] | None = None, **kwargs: Any
-) -> list[float]:
-    """Reward: 1.0 when the graded text's final box holds a plain value, else 0.0.
-
-    The arithmetic task's format term (weight 0.2 beside ``arithmetic_accuracy``). A value is
-    a number or a fraction (see ``_PLAIN_VALUE``); "\\boxed{x = 5}" and "\\boxed{47 + 38 = 85}"
-    count by the part after the last "=". Words, expressions, empty, nested or cut-off boxes
-    do not: with ``packrl.tasks.math.boxed_format`` (any non-empty box) SmolLM2 learned within
-    10 GRPO steps to answer "\\boxed{22 + 55}", "\\boxed{None}" or "\\boxed{nine-nine-nine}"
-    without adding (docs/benchmarks.md, "The format reward, gamed"). A wrong number such as
-    an operand still counts: whether a value is right is ``arithmetic_accuracy``'s to say.
-    """
-    out = []
-    for i, completion in enumerate(completions):
-        opened = prompts is not None and prompt_opens_think(prompts[i])
-        text = graded_text(completion_text(completion), opened)
-        boxed = final_boxed(text) if text is not None else None
-        value = boxed.rsplit("=", 1)[-1].strip().strip("$").strip() if boxed else ""
-        out.append(float(_PLAIN_VALUE.fullmatch(value) is not None))
-    return out
 
 
 def _signed(k: int, var: str = "") -> str:
@@ -228,8 +192,7 @@ def arithmetic_task(
 ) -> Task:
     """Generated arithmetic/algebra task; rows have "messages", "answer" and "difficulty".
 
-    Rewards: ``arithmetic_accuracy`` (weight 1.0, also the accuracy) and ``boxed_value_format``
-    (0.2).
+    Reward: ``arithmetic_accuracy`` (weight 1.0), also the accuracy.
 
     Args:
         n_train, n_eval: number of distinct problems in each split (never overlapping).
@@ -251,10 +214,12 @@ def arithmetic_task(
         name=f"arithmetic-{difficulty}",
         train=rows[n_eval:],
         eval=rows[:n_eval],
-        # A small bonus for a boxed answer: SmolLM2-135M often writes the right sum
-        # ("44 + 21 = 65") without the box, which scores 0, so with correctness alone nearly
-        # every group is all zeros and GRPO has nothing to learn (docs/recipe.md, benchmark).
-        reward_funcs=[arithmetic_accuracy, boxed_value_format],
-        reward_weights=[1.0, 0.2],
+        # Correctness only. A format bonus for any box (packrl.tasks.math.boxed_format, 0.2)
+        # was gamed: under per-group std scaling a group that differs only in boxing gets
+        # advantages as large as one that differs in being right, and SmolLM2 learned to box
+        # operands, "None" or "22 + 55" without adding. Without it the demo learns more
+        # (four seeds: 50/44/40/26% greedy at step 10, against 28/44/6/0%; docs/benchmarks.md).
+        reward_funcs=[arithmetic_accuracy],
+        reward_weights=[1.0],
         accuracy_func=arithmetic_accuracy,
     )
