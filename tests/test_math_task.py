@@ -151,8 +151,8 @@ def test_arithmetic_task_rows_and_reward():
 
 
 def test_arithmetic_task_pays_nothing_for_a_lazy_box():
-    """What SmolLM2 wrote in the CPU demo, seed 3, after 10 GRPO steps when the task also paid
-    0.2 for any non-empty box (docs/benchmarks.md): none of it adds the numbers."""
+    """The kinds of box SmolLM2 wrote in the CPU demo (seed 3, steps 9-10) when the task also
+    paid 0.2 for any non-empty box (docs/benchmarks.md), on one problem: none adds the numbers."""
     task = arithmetic_task(n_train=10, n_eval=0, difficulty=1, seed=0)
     lazy = [
         "\\boxed{14}",  # an operand
