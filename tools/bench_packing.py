@@ -21,6 +21,7 @@ just before the step (model and batch loaded; no optimizer state).
 
     python tools/bench_packing.py --json bench_packing.json [--quick]
     python tools/bench_packing.py --only-layout c_shared_block   # memory of one layout
+    python tools/bench_packing.py --profile a_padded c_shared_block --json OUT  # where the time goes
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -174,6 +176,40 @@ def measure_step_memory(model, batch: PackedBatch, kind: str) -> dict:
     }
 
 
+ATTENTION_OPS = ("flash_attention", "scaled_dot_product")  # forward and backward kernels
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"}
+
+
+def profile_step(model, batch: PackedBatch, kind: str, top: int = 12) -> dict:
+    """One step of a layout under torch.profiler, after one unprofiled warm-up step.
+
+    Returns the step's wall seconds, the ops' summed self CPU seconds, the shares of it spent
+    in attention kernels and in matmuls, and the ``top`` ops by self CPU time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    train_step(model, batch, kind)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        train_step(model, batch, kind)
+        wall = time.perf_counter() - t0
+    ops = sorted(
+        ((e.key, e.self_cpu_time_total / 1e6) for e in prof.key_averages()), key=lambda o: -o[1]
+    )
+    total = sum(sec for _, sec in ops)
+
+    def share(pick) -> float:
+        return round(sum(sec for name, sec in ops if pick(name)) / total, 3)
+
+    return {
+        "wall_s": round(wall, 3),
+        "self_cpu_s": round(total, 3),
+        "attention_share": share(lambda n: any(a in n for a in ATTENTION_OPS)),
+        "matmul_share": share(lambda n: n in MATMUL_OPS),
+        "top_ops": [{"op": name, "self_cpu_s": round(sec, 3)} for name, sec in ops[:top]],
+    }
+
+
 def memory_in_subprocess(name: str, args) -> dict:
     """Run this script with --only-layout NAME in a fresh process; its last stdout line is JSON."""
     cmd = [sys.executable, os.path.abspath(__file__), "--only-layout", name]
@@ -226,13 +262,20 @@ def main(argv=None) -> dict:
         help="measure peak memory of one step of this layout in this process, print one JSON "
         "line and exit (the benchmark runs itself this way once per layout)",
     )
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        choices=LAYOUTS,
+        help="profile one step of each of these layouts instead (attention and matmul shares, "
+        "top ops), print JSON and exit",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
     from packrl.models import ensure_smollm2_checkpoint, load_smollm2
 
-    if not args.only_layout:
+    if not (args.only_layout or args.profile):
         # Memory first, one fresh process per layout, while this process holds no model or
         # batch: the padded layout's child needs ~18 GB, and a parent that had already run
         # the timing kept ~13 GB, more than a 24 GB machine holds together.
@@ -253,6 +296,20 @@ def main(argv=None) -> dict:
         batch, kind = layouts4k[name[7:]] if name.startswith("rows4k_") else layouts[name]
         print(json.dumps({"layout": name, **measure_step_memory(model, batch, kind)}))
         return {}
+    if args.profile:
+        out = {
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "batch": {"G": shape["G"], "prompt_len": shape["prompt_len"]},
+            "profiles": {n: profile_step(model, *layouts[n]) for n in tqdm(args.profile)},
+            "loadavg_at_end": os.getloadavg(),
+        }
+        print(json.dumps(out, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        return out
     repeats = args.repeats or (1 if args.quick else 3)
     G, P, rows4k, lens = shape["G"], shape["prompt_len"], shape["rows4k"], shape["completion_lens"]
 
