@@ -169,15 +169,25 @@ def test_arithmetic_task_pays_nothing_for_a_lazy_box():
         "<think>\\boxed{64}</think>",  # only inside the reasoning
         "14 + 50 = 64",  # right, but no answer stated
     ]
+    # Hedges: two values, one of them right; none is an answer.
+    hedges = [
+        "\\boxed{64, 65}",
+        "\\boxed{64} or \\boxed{65}",
+        "\\boxed{64}\\boxed{65}",
+        "\\boxed{64 \\pm 1}",
+        "\\boxed{[60, 70]}",
+        "\\boxed{64 \\text{ or } 65}",
+        "\\boxed{63 \\approx 64 \\approx 65}",
+    ]
     right = ["14 + 50 = \\boxed{64}", "\\boxed{64}.", "The answer is 64."]
-    completions = lazy + right
+    completions = lazy + hedges + right
     n = len(completions)
     prompts = [[{"role": "user", "content": f"What is 14 + 50? {INSTRUCTION}"}]] * n
     totals = [0.0] * n
     for func, weight in zip(task.reward_funcs, task.reward_weights, strict=True):
         rewards = func(completions=completions, prompts=prompts, answer=["64"] * n)
         totals = [t + weight * r for t, r in zip(totals, rewards, strict=True)]
-    assert totals == [0.0] * len(lazy) + [1.0] * len(right)
+    assert totals == [0.0] * (len(lazy) + len(hedges)) + [1.0] * len(right)
     # The format bonus the task used to add paid for 9 of the lazy completions.
     assert sum(boxed_format(completions=lazy)) == 9
 
