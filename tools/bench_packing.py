@@ -299,7 +299,9 @@ def main(argv=None) -> dict:
     if args.profile:
         out = {
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"
+            ),
             "torch": torch.__version__,
             "threads": args.threads,
             "batch": {"G": shape["G"], "prompt_len": shape["prompt_len"]},
