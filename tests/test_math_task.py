@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from packrl.rewards import RewardScorer
 from packrl.tasks.arithmetic import (
     INSTRUCTION,
     LEVELS,
@@ -183,10 +184,8 @@ def test_arithmetic_task_pays_nothing_for_a_lazy_box():
     completions = lazy + hedges + right
     n = len(completions)
     prompts = [[{"role": "user", "content": f"What is 14 + 50? {INSTRUCTION}"}]] * n
-    totals = [0.0] * n
-    for func, weight in zip(task.reward_funcs, task.reward_weights, strict=True):
-        rewards = func(completions=completions, prompts=prompts, answer=["64"] * n)
-        totals = [t + weight * r for t, r in zip(totals, rewards, strict=True)]
+    scorer = RewardScorer(task.reward_funcs, task.reward_weights)  # as the recipe sums them
+    totals = scorer(prompts, completions, {"answer": ["64"] * n}).total.tolist()
     assert totals == [0.0] * (len(lazy) + len(hedges)) + [1.0] * len(right)
     # The format bonus the task used to add paid for 9 of the lazy completions.
     assert sum(boxed_format(completions=lazy)) == 9
