@@ -243,6 +243,24 @@ def build_layouts(args, vocab: int) -> tuple[dict, dict, dict]:
     return shape, layouts, layouts4k
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_info(args) -> dict:
+    """What every JSON report of this script starts with: the command, torch and threads."""
+    return {
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "torch": torch.__version__,
+        "threads": args.threads,
+    }
+
+
+def write_json(out: dict, path: str | None) -> None:
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,19 +316,14 @@ def main(argv=None) -> dict:
         return {}
     if args.profile:
         out = {
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-            "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
-            "torch": torch.__version__,
-            "threads": args.threads,
+            **run_info(args),
+            "started_utc": utc_now(),
             "batch": {"G": shape["G"], "prompt_len": shape["prompt_len"]},
             "profiles": {n: profile_step(model, *layouts[n]) for n in tqdm(args.profile)},
             "loadavg_at_end": os.getloadavg(),
         }
         print(json.dumps(out, indent=1))
-        if args.json:
-            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        write_json(out, args.json)
         return out
     repeats = args.repeats or (1 if args.quick else 3)
     G, P, rows4k, lens = shape["G"], shape["prompt_len"], shape["rows4k"], shape["completion_lens"]
@@ -344,10 +357,8 @@ def main(argv=None) -> dict:
         res4k[name]["memory"] = memory4k[name]
 
     out = {
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "threads": args.threads,
+        **run_info(args),
+        "date_utc": utc_now(),
         "loadavg_at_end": os.getloadavg(),
         "memory_measure": "one fresh process per layout: peak RSS (VmHWM, reset via "
         "/proc/self/clear_refs after model load) over one step; step_mb = peak - RSS before",
@@ -387,9 +398,7 @@ def main(argv=None) -> dict:
     print(
         f"mask memory: BlockMask {masks['block_mask_bytes'] / 2**10:.1f} KiB vs dense {masks['dense_mask_bytes'] / 2**20:.1f} MiB; blocks kept {kept}/{n_blocks}"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    write_json(out, args.json)
     return out
 
 
